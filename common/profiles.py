@@ -1,0 +1,57 @@
+"""Run profiles: one name that scales a bundle or the study without editing it (DESIGN.md section 6).
+
+``smoke`` runs on two CPU cores in minutes and is what the tests use; ``gpu`` is one GPU, well under an hour for
+the whole grid; ``paper`` has the paper's sizes (200 x 200 x 96, H x W x D) and epochs. Spatial sizes are
+``(H, W, D)``, the MONAI array order of our pipelines, D being the through-plane (slice) axis.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Sizes and counts that a profile fixes.
+
+    Args:
+        name: the profile's name.
+        spatial_size: ``(H, W, D)`` every volume is resampled to before padding.
+        divisible_by: ``(H, W, D)`` divisors the padded size must satisfy (the networks' total strides).
+        cohort_cases: number of synthetic cases made when no datalist is given.
+        cohort_size: ``(D, H, W)`` voxel grid of the synthetic cohort's volumes (the phantom CLI order).
+    """
+
+    name: str
+    spatial_size: tuple[int, int, int]
+    divisible_by: tuple[int, int, int]
+    cohort_cases: int
+    cohort_size: tuple[int, int, int]
+
+    @property
+    def padded_size(self) -> tuple[int, int, int]:
+        """``(H, W, D)`` after explicit zero padding of ``spatial_size`` up to ``divisible_by``."""
+        return tuple(-(-s // k) * k for s, k in zip(self.spatial_size, self.divisible_by, strict=True))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# Padding to multiples of 32 in-plane and 16 through-plane fits ProFound's total strides; in the paper profile
+# 200 -> 224 in-plane, which is also a multiple of ProViCNet's 14-pixel patch, and 96 slices stay 96.
+PROFILES: dict[str, Profile] = {
+    "smoke": Profile("smoke", spatial_size=(64, 64, 32), divisible_by=(32, 32, 16), cohort_cases=24,
+                     cohort_size=(24, 96, 96)),
+    "gpu": Profile("gpu", spatial_size=(128, 128, 64), divisible_by=(32, 32, 16), cohort_cases=160,
+                   cohort_size=(32, 160, 160)),
+    "paper": Profile("paper", spatial_size=(200, 200, 96), divisible_by=(32, 32, 16), cohort_cases=740,
+                     cohort_size=(32, 256, 256)),
+}
+
+
+def get_profile(name: str) -> Profile:
+    """Return the profile called ``name``; a ``ValueError`` lists the known names otherwise."""
+    try:
+        return PROFILES[name]
+    except KeyError:
+        raise ValueError(f"unknown profile {name!r}; choose one of {sorted(PROFILES)}") from None

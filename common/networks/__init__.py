@@ -1,1 +1,97 @@
-"""See the package docstring of ``common``."""
+"""Networks of the study (DESIGN.md sections 1 and 3).
+
+- ProFound (:mod:`.profound`): the 3D ConvNeXt V2 encoder of the official ProFound code, its UperNet and UNETR-style
+  dense decoders, classification and super-resolution heads, FCMAE checkpoint conversion, finetune freezing.
+- ProViCNet (:mod:`.provicnet`, :mod:`.dinov2`): the DINOv2 ViT with registers and LayerScale, the 2.5D ProViCNet
+  model with slice-position tokens and its heads, DINOv2 hub / official checkpoint conversion, finetune freezing.
+- :func:`load_checkpoint`: one loader for every format (:mod:`.checkpoint`).
+
+Every study model has ``forward_representations(x) -> {"head_input": (B, d), "encoder": (B, e)}``, the pooled
+representations the alignment analysis compares (paper section 3.2).
+"""
+
+from __future__ import annotations
+
+from .blocks import GRN, ConvNeXtV2Block, LayerNormChannelsFirst
+from .checkpoint import CHECKPOINT_FORMATS, detect_checkpoint_format, load_checkpoint, read_checkpoint
+from .decoders import UnetrDecoder3d, UperNetDecoder3d
+from .dinov2 import (
+    DINOV2_SIZES,
+    DinoVisionTransformer,
+    dinov2_vitb14_reg,
+    dinov2_vitg14_reg,
+    dinov2_vitl14_reg,
+    dinov2_vits14_reg,
+    interpolate_pos_embed,
+    provicnet_backbone,
+)
+from .heads import MLPHead, SubpixelUpsample3dHead, pixel_shuffle_3d
+from .profound import (
+    PROFOUND_SIZES,
+    ProFoundClassifier,
+    ProFoundDense,
+    ProFoundEncoder,
+    ProFoundSuperRes,
+    adapt_profound_stem,
+    convert_profound_dense,
+    convert_profound_fcmae,
+    freeze_profound_finetune,
+    load_profound_checkpoint,
+    profound_encoder,
+)
+from .provicnet import (
+    ConvUpsampleHead,
+    ProViCNet,
+    ProViCNetClassifier,
+    ProViCNetDense,
+    ProViCNetSuperRes,
+    convert_dinov2_hub,
+    convert_provicnet_official,
+    freeze_provicnet_finetune,
+    load_provicnet_checkpoint,
+    neighbour_slice_indices,
+)
+
+__all__ = [
+    "CHECKPOINT_FORMATS",
+    "DINOV2_SIZES",
+    "GRN",
+    "PROFOUND_SIZES",
+    "ConvNeXtV2Block",
+    "ConvUpsampleHead",
+    "DinoVisionTransformer",
+    "LayerNormChannelsFirst",
+    "MLPHead",
+    "ProFoundClassifier",
+    "ProFoundDense",
+    "ProFoundEncoder",
+    "ProFoundSuperRes",
+    "ProViCNet",
+    "ProViCNetClassifier",
+    "ProViCNetDense",
+    "ProViCNetSuperRes",
+    "SubpixelUpsample3dHead",
+    "UnetrDecoder3d",
+    "UperNetDecoder3d",
+    "adapt_profound_stem",
+    "convert_dinov2_hub",
+    "convert_profound_dense",
+    "convert_profound_fcmae",
+    "convert_provicnet_official",
+    "detect_checkpoint_format",
+    "dinov2_vitb14_reg",
+    "dinov2_vitg14_reg",
+    "dinov2_vitl14_reg",
+    "dinov2_vits14_reg",
+    "freeze_profound_finetune",
+    "freeze_provicnet_finetune",
+    "interpolate_pos_embed",
+    "load_checkpoint",
+    "load_profound_checkpoint",
+    "load_provicnet_checkpoint",
+    "neighbour_slice_indices",
+    "pixel_shuffle_3d",
+    "profound_encoder",
+    "provicnet_backbone",
+    "read_checkpoint",
+]

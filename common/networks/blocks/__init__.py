@@ -1,0 +1,8 @@
+"""Building blocks of the networks in :mod:`common.networks` (one block family per file)."""
+
+from __future__ import annotations
+
+from .convnext import ConvNeXtV2Block, LayerNormChannelsFirst
+from .grn import GRN
+
+__all__ = ["GRN", "ConvNeXtV2Block", "LayerNormChannelsFirst"]

@@ -1,0 +1,135 @@
+"""One checkpoint loader for every network of the study, whatever format the weights come in.
+
+Formats (:data:`CHECKPOINT_FORMATS`), detected from the keys, never from the file name:
+
+- ``profound_dense``: an official ProFound dense checkpoint (``ConvNeXtV2`` encoder, UperNet / UNETR / classifier
+  model), or this project's ProFound weights (same names);
+- ``profound_fcmae``: the official FCMAE pretraining checkpoint (MinkowskiEngine kernels under ``encoder.``);
+- ``dinov2_hub``: a DINOv2 hub backbone (e.g. ``dinov2_vits14_reg4_pretrain.pth``);
+- ``provicnet_official``: an official ProViCNet checkpoint, or this project's ProViCNet weights (same names);
+- ``state_dict``: any other state dict (the specialised models), loaded by name.
+
+Wrappers are unwrapped first: MONAI ``CheckpointSaver`` files (``{"network": ..., "optimizer": ...}``),
+``{"model": ...}``, ``{"state_dict": ...}``, ``{"model_state_dict": ...}``, and DDP's ``module.`` prefix.
+Files are read with ``torch.load(..., weights_only=True)`` only; the one non-tensor class allowed is
+``argparse.Namespace``, which official ProFound checkpoints pickle beside the weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from .dinov2 import DinoVisionTransformer
+from .profound import ProFoundEncoder, detect_profound_format, load_profound_checkpoint
+from .provicnet import detect_provicnet_format, load_provicnet_checkpoint
+
+__all__ = ["CHECKPOINT_FORMATS", "detect_checkpoint_format", "load_checkpoint", "read_checkpoint"]
+
+CHECKPOINT_FORMATS = ("profound_dense", "profound_fcmae", "dinov2_hub", "provicnet_official", "state_dict")
+_WRAPPERS = ("network", "model", "state_dict", "model_state_dict")
+
+
+def read_checkpoint(path: str | os.PathLike) -> Mapping[str, object]:
+    """Read a checkpoint file safely (``weights_only=True``); a missing or unreadable file is a ``ValueError``
+    naming it."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ValueError(f"no checkpoint file at {path!r}")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle, zip and unsafe-global errors all mean: not a checkpoint we can trust
+        raise ValueError(f"cannot read checkpoint {path!r} with weights_only=True: {err}") from err
+    if not isinstance(checkpoint, Mapping):
+        raise ValueError(f"checkpoint {path!r} holds a {type(checkpoint).__name__}, not a mapping of weights")
+    return checkpoint
+
+
+def _unwrap(checkpoint: Mapping[str, object]) -> dict[str, torch.Tensor]:
+    """The tensor state dict inside a checkpoint, without DDP's ``module.`` prefix."""
+    while not any(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        inner = next((checkpoint[k] for k in _WRAPPERS if isinstance(checkpoint.get(k), Mapping)), None)
+        if inner is None:
+            raise ValueError(f"no state dict in the checkpoint; its top-level keys are {sorted(checkpoint)[:10]}")
+        checkpoint = inner
+    state = {str(k): v for k, v in checkpoint.items() if isinstance(v, torch.Tensor)}
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module.") :]: v for k, v in state.items()}
+    return state
+
+
+def detect_checkpoint_format(checkpoint: Mapping[str, object]) -> str:
+    """Return the format of a checkpoint (one of :data:`CHECKPOINT_FORMATS`) from its keys."""
+    state = _unwrap(checkpoint)
+    for detect, prefix in ((detect_profound_format, "profound_"), (detect_provicnet_format, "")):
+        try:
+            return prefix + detect(state)
+        except ValueError:
+            continue
+    return "state_dict"
+
+
+def _family(model: nn.Module) -> str:
+    if isinstance(model, ProFoundEncoder) or isinstance(getattr(model, "encoder", None), ProFoundEncoder):
+        return "profound"
+    if isinstance(model, DinoVisionTransformer) or isinstance(getattr(model, "backbone", None), DinoVisionTransformer):
+        return "provicnet"
+    return "other"
+
+
+def _load_by_name(model: nn.Module, state: dict[str, torch.Tensor], strict: bool) -> None:
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+                  for k, v in state.items() if k in expected and v.shape != expected[k].shape]
+    if mismatched or (strict and (missing or unexpected)):
+        lines = [f"checkpoint does not fit {type(model).__name__}."]
+        if strict and missing:
+            lines.append(f"missing keys ({len(missing)}): {missing}")
+        if strict and unexpected:
+            lines.append(f"unexpected keys ({len(unexpected)}): {unexpected}")
+        if mismatched:
+            lines.append(f"shape mismatches ({len(mismatched)}): {mismatched}")
+        raise ValueError("\n".join(lines))
+    model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
+
+
+def load_checkpoint(
+    model: nn.Module, path_or_state: str | os.PathLike | Mapping[str, object], strict: bool = True
+) -> nn.Module:
+    """Load weights of any supported format into ``model`` and return ``model``.
+
+    ProFound formats go to :func:`~common.networks.profound.load_profound_checkpoint` (FCMAE conversion,
+    encoder-only routing), DINOv2 / ProViCNet formats to :func:`~common.networks.provicnet.
+    load_provicnet_checkpoint` (position-embedding resampling, modality channels); anything else loads by name.
+    A checkpoint of one FM into the other FM's network is refused. Every failure is a ``ValueError`` that names the
+    file (when given one), the format, and the missing / unexpected keys and shape mismatches.
+    """
+    source = os.fspath(path_or_state) if isinstance(path_or_state, str | os.PathLike) else "in-memory checkpoint"
+    raw = read_checkpoint(path_or_state) if isinstance(path_or_state, str | os.PathLike) else path_or_state
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"expected a path or a state dict, got {type(path_or_state).__name__}")
+    try:
+        state = _unwrap(raw)
+        fmt = detect_checkpoint_format(state)
+        family = _family(model)
+        if fmt.startswith("profound_") and family != "profound" or fmt in ("dinov2_hub", "provicnet_official") and (
+            family != "provicnet"
+        ):
+            raise ValueError(f"a {fmt} checkpoint cannot be loaded into {type(model).__name__}")
+        if family == "profound" and fmt.startswith("profound_"):
+            # official FCMAE/dense files may carry non-tensor entries (args); the ProFound loader wants tensors only
+            load_profound_checkpoint(model, state, strict=strict)
+        elif family == "provicnet" and fmt in ("dinov2_hub", "provicnet_official"):
+            load_provicnet_checkpoint(model, state, strict=strict)
+        else:
+            _load_by_name(model, state, strict)
+    except ValueError as err:
+        raise ValueError(f"{source}: {err}") from err
+    return model

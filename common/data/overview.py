@@ -47,6 +47,12 @@ def ensure_cohort(out_dir: Path, cases: int, seed: int, size: tuple[int, int, in
     return Path(path)
 
 
+def _radiological(ras_slice: np.ndarray) -> np.ndarray:
+    """An axial ``(i, j)`` slice of a RAS-oriented volume as displayed by radiologists: anterior at the top, the
+    patient's right on the left of the screen (rows = anterior -> posterior, columns = right -> left)."""
+    return ras_slice[::-1, ::-1].T
+
+
 def _mid_slice(volume: np.ndarray, mask: np.ndarray | None = None) -> int:
     """Slice index (last axis) through the mask's centre of mass, or the middle slice."""
     if mask is not None and mask.any():
@@ -112,7 +118,7 @@ def preview_task(task: str, samples: list[dict], path: Path) -> None:
             if arr is None:
                 continue
             cmap, limits = ("gray", {}) if title != "input - target" else ("RdBu_r", {"vmin": -0.3, "vmax": 0.3})
-            ax.imshow(np.rot90(arr), cmap=cmap, **limits)
+            ax.imshow(_radiological(arr), cmap=cmap, **limits)
         row[0].text(0, -0.08, str(sample.get("id", "")), transform=row[0].transAxes, fontsize=7)
     fig.suptitle(task.replace("_", " "), fontsize=10)
     fig.tight_layout()
@@ -131,19 +137,22 @@ def preview_cohort(entries: list[dict], path: Path, n: int = 4) -> None:
     entries = sorted(entries, key=lambda e: -int(e.get("pirads", 0)))[:: max(1, len(entries) // n)][:n]
     fig, axes = plt.subplots(len(entries), 4, figsize=(11, 2.9 * len(entries)), squeeze=False)
     for row, entry in zip(axes, entries, strict=True):
-        vol = {k: np.asarray(nib.load(entry[k]).dataobj) for k in ("t2w", "adc", "dwi") if k in entry}
-        masks = {k: np.asarray(nib.load(entry[k]).dataobj) for k in ("prostate", "lesion", "rectum") if k in entry}
+        def load(key: str) -> np.ndarray:
+            return np.asarray(nib.as_closest_canonical(nib.load(entry[key])).dataobj)  # RAS, as the pipelines
+
+        vol = {k: load(k) for k in ("t2w", "adc", "dwi") if k in entry}
+        masks = {k: load(k) for k in ("prostate", "lesion", "rectum") if k in entry}
         k = _mid_slice(vol["t2w"], masks.get("lesion") if masks.get("lesion", np.zeros(1)).any()
                        else masks.get("prostate"))
         for ax, key in zip(row[:3], ("t2w", "adc", "dwi"), strict=True):
-            ax.imshow(np.rot90(vol[key][..., k]), cmap="gray")
+            ax.imshow(_radiological(vol[key][..., k]), cmap="gray")
             ax.set_title(f"{entry['id']} {key.upper()}", fontsize=8)
-        row[3].imshow(np.rot90(vol["t2w"][..., k]), cmap="gray")
+        row[3].imshow(_radiological(vol["t2w"][..., k]), cmap="gray")
         for key, color in (("prostate", "Greens"), ("rectum", "Blues"), ("lesion", "Reds")):
             if key in masks:
-                m = np.rot90(masks[key][..., k]).astype(float)
+                m = _radiological(masks[key][..., k]).astype(float)
                 row[3].imshow(np.ma.masked_where(m == 0, m), cmap=color, alpha=0.45, vmin=0, vmax=2.5)
-        row[3].set_title(f"masks, PI-RADS {entry.get('pirads', '?')}", fontsize=8)
+        row[3].set_title(f"PI-RADS {entry.get('pirads', '?')}: gland, lesion, rectum", fontsize=8)
         for ax in row:
             ax.axis("off")
     fig.tight_layout()

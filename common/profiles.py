@@ -40,12 +40,15 @@ class Profile:
 # Padding to multiples of 32 in-plane and 16 through-plane fits ProFound's total strides; in the paper profile
 # 200 -> 224 in-plane, which is also a multiple of ProViCNet's 14-pixel patch, and 96 slices stay 96.
 PROFILES: dict[str, Profile] = {
-    "smoke": Profile("smoke", spatial_size=(64, 64, 32), divisible_by=(32, 32, 16), cohort_cases=24,
-                     cohort_size=(24, 96, 96)),
-    "gpu": Profile("gpu", spatial_size=(128, 128, 64), divisible_by=(32, 32, 16), cohort_cases=160,
-                   cohort_size=(32, 160, 160)),
-    "paper": Profile("paper", spatial_size=(200, 200, 96), divisible_by=(32, 32, 16), cohort_cases=740,
-                     cohort_size=(32, 256, 256)),
+    "smoke": Profile(
+        "smoke", spatial_size=(64, 64, 32), divisible_by=(32, 32, 16), cohort_cases=24, cohort_size=(24, 96, 96)
+    ),
+    "gpu": Profile(
+        "gpu", spatial_size=(128, 128, 64), divisible_by=(32, 32, 16), cohort_cases=160, cohort_size=(32, 160, 160)
+    ),
+    "paper": Profile(
+        "paper", spatial_size=(200, 200, 96), divisible_by=(32, 32, 16), cohort_cases=740, cohort_size=(32, 256, 256)
+    ),
 }
 
 

@@ -103,8 +103,11 @@ def preview_task(task: str, samples: list[dict], path: Path) -> None:
         panels = []
         for c in range(image.shape[0]):
             # super-resolution input has half the slices: show the slice at the same position
-            k = image.shape[-1] // 2 if k_label is None else min(k_label * image.shape[-1] // label.shape[-1],
-                                                                 image.shape[-1] - 1)
+            k = (
+                image.shape[-1] // 2
+                if k_label is None
+                else min(k_label * image.shape[-1] // label.shape[-1], image.shape[-1] - 1)
+            )
             panels.append((f"input ch{c}", image[c, ..., k]))
         if dense:
             panels.append(("target", label[0, ..., k_label]))
@@ -126,24 +129,28 @@ def preview_task(task: str, samples: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _load_ras(path: str) -> np.ndarray:
+    import nibabel as nib
+
+    return np.asarray(nib.as_closest_canonical(nib.load(path)).dataobj)
+
+
 def preview_cohort(entries: list[dict], path: Path, n: int = 4) -> None:
     """PNG of ``n`` cases: T2W, ADC, DWI and the masks over T2W, at the slice through the lesion/prostate."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import nibabel as nib
 
     entries = sorted(entries, key=lambda e: -int(e.get("pirads", 0)))[:: max(1, len(entries) // n)][:n]
     fig, axes = plt.subplots(len(entries), 4, figsize=(11, 2.9 * len(entries)), squeeze=False)
     for row, entry in zip(axes, entries, strict=True):
-        def load(key: str) -> np.ndarray:
-            return np.asarray(nib.as_closest_canonical(nib.load(entry[key])).dataobj)  # RAS, as the pipelines
-
-        vol = {k: load(k) for k in ("t2w", "adc", "dwi") if k in entry}
-        masks = {k: load(k) for k in ("prostate", "lesion", "rectum") if k in entry}
-        k = _mid_slice(vol["t2w"], masks.get("lesion") if masks.get("lesion", np.zeros(1)).any()
-                       else masks.get("prostate"))
+        # reoriented to RAS, as the pipelines do, so one display rule fits both
+        vol = {k: _load_ras(entry[k]) for k in ("t2w", "adc", "dwi") if k in entry}
+        masks = {k: _load_ras(entry[k]) for k in ("prostate", "lesion", "rectum") if k in entry}
+        k = _mid_slice(
+            vol["t2w"], masks.get("lesion") if masks.get("lesion", np.zeros(1)).any() else masks.get("prostate")
+        )
         for ax, key in zip(row[:3], ("t2w", "adc", "dwi"), strict=True):
             ax.imshow(_radiological(vol[key][..., k]), cmap="gray")
             ax.set_title(f"{entry['id']} {key.upper()}", fontsize=8)
@@ -160,8 +167,9 @@ def preview_cohort(entries: list[dict], path: Path, n: int = 4) -> None:
     plt.close(fig)
 
 
-def run_overview(out: Path, profile: str = "smoke", seed: int = 0, cases: int | None = None,
-                 datalist: Path | None = None) -> dict:
+def run_overview(
+    out: Path, profile: str = "smoke", seed: int = 0, cases: int | None = None, datalist: Path | None = None
+) -> dict:
     """Make or reuse the cohort, validate it, run the five pipelines; return the summary written to ``summary.json``.
 
     Returns:
@@ -185,13 +193,20 @@ def run_overview(out: Path, profile: str = "smoke", seed: int = 0, cases: int | 
     all_keys = sorted({k for task in TASKS for k in required_keys(task)})
     splits = load_datalist(datalist, required_keys=all_keys, allow_resample=True)
     n_cases = sum(len(v) for v in splits.values())
-    print(f"datalist: {datalist} validated ({n_cases} cases, "
-          + ", ".join(f"{k} {len(v)}" for k, v in splits.items()) + f") in {time.perf_counter() - start:.1f} s")
+    print(
+        f"datalist: {datalist} validated ({n_cases} cases, "
+        + ", ".join(f"{k} {len(v)}" for k, v in splits.items())
+        + f") in {time.perf_counter() - start:.1f} s"
+    )
     entries = [e for split in splits.values() for e in split]
     preview_cohort(entries, report_dir / "cohort.png")
 
-    summary = {"profile": prof.to_dict(), "datalist": str(datalist), "splits": {k: len(v) for k, v in splits.items()},
-               "tasks": {}}
+    summary = {
+        "profile": prof.to_dict(),
+        "datalist": str(datalist),
+        "splits": {k: len(v) for k, v in splits.items()},
+        "tasks": {},
+    }
     print(f"\n{'task':<23}{'image':<20}{'label':<18}{'s/case':>8}  label balance")
     for task in TASKS:
         pipeline = task_transforms(task, profile=profile, seed=seed, train=False)
@@ -202,8 +217,10 @@ def run_overview(out: Path, profile: str = "smoke", seed: int = 0, cases: int | 
         summary["tasks"][task] = info
         preview_task(task, samples, report_dir / f"{task}.png")
         label = "x".join(map(str, info["label_shape"][0])) if "label_shape" in info else "class"
-        print(f"{task:<23}{'x'.join(map(str, info['image_shape'][0])):<20}{label:<18}{seconds:>8.3f}  "
-              + ", ".join(f"{k}: {v}" for k, v in info["label_balance"].items()))
+        print(
+            f"{task:<23}{'x'.join(map(str, info['image_shape'][0])):<20}{label:<18}{seconds:>8.3f}  "
+            + ", ".join(f"{k}: {v}" for k, v in info["label_balance"].items())
+        )
     (report_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"\npreviews and summary.json: {report_dir}")
     return summary

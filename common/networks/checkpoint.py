@@ -86,8 +86,11 @@ def _load_by_name(model: nn.Module, state: dict[str, torch.Tensor], strict: bool
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
-    mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
-                  for k, v in state.items() if k in expected and v.shape != expected[k].shape]
+    mismatched = [
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+        for k, v in state.items()
+        if k in expected and v.shape != expected[k].shape
+    ]
     if mismatched or (strict and (missing or unexpected)):
         lines = [f"checkpoint does not fit {type(model).__name__}."]
         if strict and missing:
@@ -119,8 +122,11 @@ def load_checkpoint(
         state = _unwrap(raw)
         fmt = detect_checkpoint_format(state)
         family = _family(model)
-        if fmt.startswith("profound_") and family != "profound" or fmt in ("dinov2_hub", "provicnet_official") and (
-            family != "provicnet"
+        if (
+            fmt.startswith("profound_")
+            and family != "profound"
+            or fmt in ("dinov2_hub", "provicnet_official")
+            and (family != "provicnet")
         ):
             raise ValueError(f"a {fmt} checkpoint cannot be loaded into {type(model).__name__}")
         if family == "profound" and fmt.startswith("profound_"):

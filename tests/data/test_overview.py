@@ -14,8 +14,9 @@ TASKS = ("classification", "segmentation", "super_resolution", "distortion_corre
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "common.data.overview", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "common.data.overview", *args], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
 
 
 @pytest.mark.slow
@@ -46,8 +47,9 @@ def test_overview_makes_cohort_runs_all_pipelines_and_reuses_the_cohort(tmp_path
 def test_overview_reports_a_bad_datalist_by_case_and_exits_2(tmp_path: Path) -> None:
     datalist = tmp_path / "datalist.json"
     entry = {"id": "case_x", "t2w": "missing_t2w.nii.gz", "pirads": 3}
-    datalist.write_text(json.dumps({"training": [entry], "validation": [entry | {"id": "v"}],
-                                    "test": [entry | {"id": "t"}]}))
+    datalist.write_text(
+        json.dumps({"training": [entry], "validation": [entry | {"id": "v"}], "test": [entry | {"id": "t"}]})
+    )
     result = _run("--out", str(tmp_path / "out"), "--datalist", str(datalist))
     assert result.returncode == 2
     assert "case_x" in result.stderr and "missing_t2w.nii.gz" in result.stderr

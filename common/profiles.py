@@ -20,6 +20,16 @@ class Profile:
         divisible_by: ``(H, W, D)`` divisors the padded size must satisfy (the networks' total strides).
         cohort_cases: number of synthetic cases made when no datalist is given.
         cohort_size: ``(D, H, W)`` voxel grid of the synthetic cohort's volumes (the phantom CLI order).
+        epochs: downstream training epochs (paper: 100, cosine-annealed).
+        pretrain_epochs: epochs of the pretraining bundles.
+        batch_size: volumes per training batch (per GPU).
+        profound_size: ProFound encoder size (``PROFOUND_SIZES``; the paper's is ``tiny``).
+        provicnet_size: ProViCNet backbone size (``DINOV2_SIZES``; the paper's is ``small``).
+        slice_size: side ProViCNet resizes each slice to (a multiple of its 14-pixel patch).
+        num_workers: data-loading worker processes.
+
+    The training fields default to the smoke profile's values, so a custom ``Profile`` for a pipeline needs only the
+    data fields.
     """
 
     name: str
@@ -27,6 +37,13 @@ class Profile:
     divisible_by: tuple[int, int, int]
     cohort_cases: int
     cohort_size: tuple[int, int, int]
+    epochs: int = 2
+    pretrain_epochs: int = 3
+    batch_size: int = 2
+    profound_size: str = "atto"
+    provicnet_size: str = "small"
+    slice_size: int = 56
+    num_workers: int = 0
 
     @property
     def padded_size(self) -> tuple[int, int, int]:
@@ -41,15 +58,21 @@ class Profile:
 # 200 -> 224 in-plane, which is also a multiple of ProViCNet's 14-pixel patch, and 96 slices stay 96.
 PROFILES: dict[str, Profile] = {
     "smoke": Profile(
-        "smoke", spatial_size=(64, 64, 32), divisible_by=(32, 32, 16), cohort_cases=24, cohort_size=(24, 96, 96)
+        "smoke", spatial_size=(64, 64, 32), divisible_by=(32, 32, 16), cohort_cases=24, cohort_size=(24, 96, 96),
+        epochs=2, pretrain_epochs=3, batch_size=2, profound_size="atto", provicnet_size="small", slice_size=56,
+        num_workers=0,
     ),
     "gpu": Profile(
-        "gpu", spatial_size=(128, 128, 64), divisible_by=(32, 32, 16), cohort_cases=160, cohort_size=(32, 160, 160)
+        "gpu", spatial_size=(128, 128, 64), divisible_by=(32, 32, 16), cohort_cases=160, cohort_size=(32, 160, 160),
+        epochs=20, pretrain_epochs=50, batch_size=2, profound_size="tiny", provicnet_size="small", slice_size=224,
+        num_workers=4,
     ),
     "paper": Profile(
-        "paper", spatial_size=(200, 200, 96), divisible_by=(32, 32, 16), cohort_cases=740, cohort_size=(32, 256, 256)
+        "paper", spatial_size=(200, 200, 96), divisible_by=(32, 32, 16), cohort_cases=740, cohort_size=(32, 256, 256),
+        epochs=100, pretrain_epochs=300, batch_size=2, profound_size="tiny", provicnet_size="small", slice_size=448,
+        num_workers=8,
     ),
-}
+}  # fmt: skip
 
 
 def get_profile(name: str) -> Profile:

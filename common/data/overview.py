@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from common.data.phantom import ensure_cohort
 from common.profiles import PROFILES, get_profile
 
 CLASS_NAMES = ("PI-RADS<=2", "PI-RADS 3", "PI-RADS 4", "PI-RADS 5")
@@ -28,23 +29,6 @@ CLASS_NAMES = ("PI-RADS<=2", "PI-RADS 3", "PI-RADS 4", "PI-RADS 5")
 
 def _as_numpy(x) -> np.ndarray:
     return np.asarray(x.detach().cpu() if hasattr(x, "detach") else x)
-
-
-def ensure_cohort(out_dir: Path, cases: int, seed: int, size: tuple[int, int, int]) -> Path:
-    """Return ``out_dir/datalist.json``, making the cohort unless one with the same recipe is already there."""
-    from common.data.phantom import make_cohort
-
-    datalist = out_dir / "datalist.json"
-    if datalist.is_file():
-        meta = json.loads(datalist.read_text())
-        n = sum(len(meta.get(split, [])) for split in ("training", "validation", "test"))
-        if meta.get("seed") == seed and list(meta.get("size", [])) == list(size) and n == cases:
-            print(f"cohort: reusing {n} cases in {out_dir}")
-            return datalist
-    start = time.perf_counter()
-    path = make_cohort(out_dir, cases=cases, seed=seed, size=size)
-    print(f"cohort: made {cases} cases of size D,H,W={size} in {time.perf_counter() - start:.1f} s -> {out_dir}")
-    return Path(path)
 
 
 def _radiological(ras_slice: np.ndarray) -> np.ndarray:

@@ -821,6 +821,21 @@ def _load_case_dir(folder: Path) -> dict[str, Any]:
     return arrays
 
 
+def ensure_cohort(out_dir: Path, cases: int, seed: int, size: tuple[int, int, int]) -> Path:
+    """Return ``out_dir/datalist.json``, making the cohort unless one with the same recipe is already there."""
+    datalist = out_dir / "datalist.json"
+    if datalist.is_file():
+        meta = json.loads(datalist.read_text())
+        n = sum(len(meta.get(split, [])) for split in ("training", "validation", "test"))
+        if meta.get("seed") == seed and list(meta.get("size", [])) == list(size) and n == cases:
+            print(f"cohort: reusing {n} cases in {out_dir}")
+            return datalist
+    start = time.perf_counter()
+    path = make_cohort(out_dir, cases=cases, seed=seed, size=size)
+    print(f"cohort: made {cases} cases of size D,H,W={size} in {time.perf_counter() - start:.1f} s -> {out_dir}")
+    return Path(path)
+
+
 def preview_png(case_dir_or_arrays: str | Path | Mapping[str, Any], path: str | Path) -> Path:
     """Save a PNG of one axial slice: T2W, ADC, DWI and the masks over T2W; returns ``path``.
 

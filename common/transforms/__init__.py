@@ -19,7 +19,14 @@ from common.transforms.degradation import (
 )
 from common.transforms.intensity import NormalizeMRIntensity, NormalizeMRIntensityd, check_finite
 from common.transforms.label import NUM_CLASSES, PIRADS_TO_CLASS, PiradsToClass, PiradsToClassd
-from common.transforms.pipelines import IMAGE_KEYS, MASK_KEYS, TASKS, required_keys, task_transforms
+from common.transforms.pipelines import (
+    IMAGE_KEYS,
+    MASK_KEYS,
+    TASKS,
+    pretrain_transforms,
+    required_keys,
+    task_transforms,
+)
 from common.transforms.spatial import AlignToReference, AlignToReferenced, PadToDivisibled, divisible_padding
 
 __all__ = [
@@ -46,5 +53,6 @@ __all__ = [
     "divisible_padding",
     "rectal_displacement",
     "required_keys",
+    "pretrain_transforms",
     "task_transforms",
 ]

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 from monai.transforms import (
     Compose,
+    ConcatItemsd,
     LoadImaged,
     MapTransform,
     Orientationd,
@@ -49,7 +50,7 @@ from common.transforms.intensity import NormalizeMRIntensityd
 from common.transforms.label import PiradsToClassd
 from common.transforms.spatial import AlignToReferenced, PadToDivisibled
 
-__all__ = ["IMAGE_KEYS", "MASK_KEYS", "TASKS", "required_keys", "task_transforms"]
+__all__ = ["IMAGE_KEYS", "MASK_KEYS", "TASKS", "pretrain_transforms", "required_keys", "task_transforms"]
 
 TASKS: tuple[str, ...] = (
     "classification",
@@ -127,41 +128,11 @@ def _volume_keys(task: str, keys: Sequence[str] | None) -> tuple[str, ...]:
     return needed + tuple(dict.fromkeys(k for k in keys if k not in needed))
 
 
-def task_transforms(
-    task: str,
-    profile: str | Profile = "smoke",
-    seed: int = 0,
-    train: bool = True,
-    keys: Sequence[str] | None = None,
-    flip_prob: float = 0.5,
-) -> Compose:
-    """The pipeline of ``task``: datalist entry -> ``{"image", "label", "id", "padding", ...}`` (module docstring).
-
-    Args:
-        task: one of ``TASKS``.
-        profile: a profile name or ``Profile``; sets ``spatial_size`` and ``divisible_by``.
-        seed: seeds the random steps (per-case draws when ``train=False``, the transforms' generators otherwise).
-        train: ``True`` draws fresh degradations and flips each epoch; ``False`` is deterministic per case.
-        keys: volumes to load; default the task's own (``required_keys``). Extra volumes (e.g. ``"prostate"``)
-            are resampled and padded like the others and returned under their own names.
-        flip_prob: probability of a left-right flip of all volumes when training (default 0.5; 0 disables).
-    """
-    _check_task(task)
-    prof = get_profile(profile) if isinstance(profile, str) else profile
-    if not isinstance(prof, Profile):
-        raise ValueError(f"profile must be a profile name or a Profile, got {type(profile)}")
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-    if not 0.0 <= flip_prob <= 1.0:
-        raise ValueError(f"flip_prob must be in [0, 1], got {flip_prob}")
-    volumes = _volume_keys(task, keys)
-    extras = volumes[len(_TASK_VOLUMES[task]) :]
+def _preprocess_steps(volumes: Sequence[str], prof: Profile) -> list:
+    """Load, reorient to RAS, normalise on the native grid, align to T2W, resize to the profile and pad."""
     images = [k for k in volumes if k in IMAGE_KEYS]
     is_mask = [k in MASK_KEYS for k in volumes]
-
-    needed = [k for k in required_keys(task) if k != "id" or not train] + list(extras)
     steps: list = [
-        _RequireKeysd(needed, task),
         LoadImaged(keys=volumes, image_only=True, ensure_channel_first=True, dtype=np.float32),
         Orientationd(keys=volumes, axcodes="RAS", labels=None),
         NormalizeMRIntensityd(keys=images),
@@ -182,6 +153,77 @@ def task_transforms(
         ),
         PadToDivisibled(keys=volumes, k=prof.divisible_by, method="symmetric", padding_key="padding"),
     ]
+    return steps
+
+
+def _resolve_profile(profile: str | Profile) -> Profile:
+    prof = get_profile(profile) if isinstance(profile, str) else profile
+    if not isinstance(prof, Profile):
+        raise ValueError(f"profile must be a profile name or a Profile, got {type(profile)}")
+    return prof
+
+
+def pretrain_transforms(
+    profile: str | Profile = "smoke",
+    seed: int = 0,
+    train: bool = True,
+    modalities: Sequence[str] = ("t2w", "dwi", "adc"),
+    lesion: bool = False,
+    flip_prob: float = 0.5,
+) -> Compose:
+    """The pretraining bundles' pipeline: unlabeled volumes -> ``{"image": (M, H, W, D), "id", "padding"}``, plus
+    ``"lesion"`` ``(1, H, W, D)`` when ``lesion`` (ProViCNet's lesion-guided patch contrast needs it; ProFound's
+    masked autoencoding reads no label). ``modalities`` are stacked in order as channels (ProFound's official input
+    is T2W, DWI, ADC). Preprocessing is the tasks' (module docstring); training adds left-right flips.
+    """
+    prof = _resolve_profile(profile)
+    unknown = [k for k in modalities if k not in IMAGE_KEYS]
+    if not modalities or unknown:
+        raise ValueError(f"modalities must be a non-empty subset of {IMAGE_KEYS}, got {tuple(modalities)}")
+    volumes = tuple(dict.fromkeys(["t2w", *modalities])) + (("lesion",) if lesion else ())
+    steps: list = [
+        _RequireKeysd(["id", *volumes], "pretraining"),
+        *_preprocess_steps(volumes, prof),
+        ConcatItemsd(keys=list(modalities), name="image", dim=0),
+    ]
+    if train and flip_prob > 0:
+        steps.append(RandFlipd(keys=["image", *(["lesion"] if lesion else [])], prob=flip_prob, spatial_axis=0))
+    steps.append(SelectItemsd(keys=["image", "id", "padding", *(["lesion"] if lesion else [])]))
+    pipeline = Compose(steps)
+    pipeline.set_random_state(seed=seed)
+    return pipeline
+
+
+def task_transforms(
+    task: str,
+    profile: str | Profile = "smoke",
+    seed: int = 0,
+    train: bool = True,
+    keys: Sequence[str] | None = None,
+    flip_prob: float = 0.5,
+) -> Compose:
+    """The pipeline of ``task``: datalist entry -> ``{"image", "label", "id", "padding", ...}`` (module docstring).
+
+    Args:
+        task: one of ``TASKS``.
+        profile: a profile name or ``Profile``; sets ``spatial_size`` and ``divisible_by``.
+        seed: seeds the random steps (per-case draws when ``train=False``, the transforms' generators otherwise).
+        train: ``True`` draws fresh degradations and flips each epoch; ``False`` is deterministic per case.
+        keys: volumes to load; default the task's own (``required_keys``). Extra volumes (e.g. ``"prostate"``)
+            are resampled and padded like the others and returned under their own names.
+        flip_prob: probability of a left-right flip of all volumes when training (default 0.5; 0 disables).
+    """
+    _check_task(task)
+    prof = _resolve_profile(profile)
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    if not 0.0 <= flip_prob <= 1.0:
+        raise ValueError(f"flip_prob must be in [0, 1], got {flip_prob}")
+    volumes = _volume_keys(task, keys)
+    extras = volumes[len(_TASK_VOLUMES[task]) :]
+
+    needed = [k for k in required_keys(task) if k != "id" or not train] + list(extras)
+    steps: list = [_RequireKeysd(needed, task), *_preprocess_steps(volumes, prof)]
 
     deterministic = not train
     random_steps: list = []

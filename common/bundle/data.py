@@ -1,0 +1,56 @@
+"""Data for a bundle run: which datalist, and its validated splits.
+
+A bundle's config names ``datalist`` (a real cohort's ``datalist.json``) or leaves it ``null``; then the profile's
+synthetic cohort under the study folder is used, made by the first run that needs it while parallel runs wait on a
+file lock, and reused afterwards.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import functools
+import os
+from pathlib import Path
+
+from common.data.datalist import load_datalist
+from common.data.phantom import ensure_cohort
+from common.profiles import get_profile
+
+__all__ = ["COHORT_SEED", "load_split", "resolve_datalist"]
+
+#: The synthetic cohort is data, not a run setting: every seed of every bundle trains on the same cohort.
+COHORT_SEED = 0
+
+
+def resolve_datalist(datalist: str | os.PathLike | None, profile: str, study_dir: str | os.PathLike) -> str:
+    """Absolute path of the datalist to use: ``datalist`` if given (it must exist), else the profile's synthetic
+    cohort ``<study_dir>/cohort-<profile>/datalist.json``, made once."""
+    if datalist:
+        path = Path(datalist)
+        if not path.is_file():
+            raise ValueError(f"datalist {os.fspath(path)!r} does not exist")
+        return str(path.resolve())
+    prof = get_profile(profile)
+    out = Path(study_dir) / f"cohort-{profile}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".cohort-{profile}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            path = ensure_cohort(out, prof.cohort_cases, COHORT_SEED, prof.cohort_size)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return str(Path(path).resolve())
+
+
+@functools.lru_cache(maxsize=8)
+def _validated(datalist: str, required_keys: tuple[str, ...]) -> dict[str, list[dict]]:
+    return load_datalist(datalist, required_keys=required_keys, allow_resample=True)
+
+
+def load_split(datalist: str | os.PathLike, split: str, required_keys: tuple[str, ...] | list[str]) -> list[dict]:
+    """The entries of ``split`` (``training``, ``validation`` or ``test``) with absolute paths, after validating the
+    whole datalist once per process for ``required_keys`` (every problem is listed by case, key and file)."""
+    splits = _validated(str(datalist), tuple(k for k in required_keys if k != "id"))
+    if split not in splits:
+        raise ValueError(f"datalist {os.fspath(datalist)!r} has no split {split!r}; it has {sorted(splits)}")
+    return [dict(entry) for entry in splits[split]]

@@ -1,0 +1,148 @@
+"""common.bundle.tracking: the MLflow record of a run, on a real temporary SQLite store and a real Ignite engine."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from ignite.engine import Engine, Events
+from mlflow import MlflowClient
+
+from common.bundle import StudyTracker, ensure_experiment, sqlite_uri
+
+TAGS = {
+    "model": "profound",
+    "task": "segmentation",
+    "regime": "finetune",
+    "seed": 3,
+    "profile": "smoke",
+    "study": "s",
+    "bundle": "profound_segmentation_finetune",
+    "bundle_version": "0.1.0",
+    "metric_name": "dice",
+}
+
+
+def _engine(losses: list[float], epochs: int) -> tuple[Engine, int]:
+    per_epoch = len(losses) // epochs
+
+    def step(engine: Engine, batch: int) -> dict:
+        return {"loss": torch.tensor(losses[engine.state.iteration - 1])}
+
+    return Engine(step), per_epoch
+
+
+def _tracker(tmp_path: Path, **kwargs) -> StudyTracker:
+    return StudyTracker(
+        tracking_uri=sqlite_uri(tmp_path / "mlflow.db"),
+        experiment_name="s",
+        tags=TAGS,
+        output_dir=tmp_path / "run",
+        run_name_prefix="pf-seg",
+        params={"lr": 1e-4},
+        **kwargs,
+    )
+
+
+def test_run_has_tags_params_epoch_losses_and_finishes(tmp_path: Path) -> None:
+    losses = [4.0, 2.0, 1.0, 3.0]  # epoch means 3.0 and 2.0
+    engine, per_epoch = _engine(losses, epochs=2)
+    tracker = _tracker(tmp_path, artifacts={str(tmp_path / "missing.pt"): "model"})
+    tracker.attach(engine)
+    engine.run(list(range(per_epoch)), max_epochs=2)
+
+    client = MlflowClient(tracker.tracking_uri)
+    run = client.get_run(tracker.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name.startswith("pf-seg-")
+    assert {k: run.data.tags[k] for k in TAGS} == {k: str(v) for k, v in TAGS.items()}
+    assert run.data.tags["git_commit"]
+    assert run.data.params["lr"] == "0.0001"
+    history = [(m.step, m.value) for m in client.get_metric_history(tracker.run_id, "train_loss")]
+    assert history == [(1, 3.0), (2, 2.0)]
+    assert run.data.metrics["gpu_hours"] == 0.0  # no GPU here
+    assert run.data.metrics["wall_seconds"] > 0
+    state = json.loads((tmp_path / "run" / "mlflow_run.json").read_text())
+    assert state["run_id"] == tracker.run_id and state["status"] == "FINISHED"
+
+
+def test_validator_key_metric_is_logged_per_trainer_epoch(tmp_path: Path) -> None:
+    engine, per_epoch = _engine([1.0, 1.0, 1.0], epochs=3)
+    validator = Engine(lambda e, b: None)
+
+    @validator.on(Events.COMPLETED)
+    def _metric(e: Engine) -> None:
+        e.state.key_metric_name = "dice"
+        e.state.metrics = {"dice": 0.1 * engine.state.epoch}
+
+    engine.add_event_handler(Events.EPOCH_COMPLETED, lambda e: validator.run([0]))
+    tracker = _tracker(tmp_path, validator=validator)
+    tracker.attach(engine)
+    engine.run(list(range(per_epoch)), max_epochs=3)
+    history = MlflowClient(tracker.tracking_uri).get_metric_history(tracker.run_id, "val_metric")
+    assert [(m.step, round(m.value, 6)) for m in history] == [(1, 0.1), (2, 0.2), (3, 0.3)]
+
+
+def test_nan_loss_stops_the_run_and_marks_it_failed(tmp_path: Path) -> None:
+    engine, per_epoch = _engine([1.0, math.nan, 1.0, 1.0], epochs=2)
+    tracker = _tracker(tmp_path)
+    tracker.attach(engine)
+    with pytest.raises(RuntimeError, match="training loss is nan at epoch 1, iteration 2"):
+        engine.run(list(range(per_epoch)), max_epochs=2)
+    assert MlflowClient(tracker.tracking_uri).get_run(tracker.run_id).info.status == "FAILED"
+
+
+def test_restart_resumes_its_unfinished_run_only_when_the_trainer_resumed(tmp_path: Path) -> None:
+    engine, per_epoch = _engine([1.0, 2.0, 5.0, 5.0], epochs=2)
+    first = _tracker(tmp_path)
+    first.attach(engine)
+
+    @engine.on(Events.EPOCH_COMPLETED)
+    def _crash(e: Engine) -> None:
+        if e.state.epoch == 1:
+            raise KeyboardInterrupt  # killed after epoch 1
+
+    with pytest.raises(KeyboardInterrupt):
+        engine.run(list(range(per_epoch)), max_epochs=2)
+    client = MlflowClient(first.tracking_uri)
+    assert client.get_run(first.run_id).info.status == "KILLED"
+
+    resumed_engine, _ = _engine([0.0, 0.0, 3.0, 5.0], epochs=2)
+
+    @resumed_engine.on(Events.STARTED)
+    def _load_checkpoint(e: Engine) -> None:  # what MONAI's CheckpointLoader, attached first, does at STARTED
+        e.state.epoch, e.state.iteration = 1, per_epoch
+
+    second = _tracker(tmp_path)
+    second.attach(resumed_engine)
+    resumed_engine.run(list(range(per_epoch)), max_epochs=2)
+    assert second.run_id == first.run_id
+    history = [(m.step, m.value) for m in client.get_metric_history(first.run_id, "train_loss")]
+    assert history == [(1, 1.5), (2, 4.0)]
+    assert client.get_run(first.run_id).info.status == "FINISHED"
+
+    fresh_engine, _ = _engine([1.0, 1.0], epochs=1)
+    third = _tracker(tmp_path)  # a run that did not resume from a checkpoint never attaches to an old run
+    third.attach(fresh_engine)
+    fresh_engine.run(list(range(2)), max_epochs=1)
+    assert third.run_id != first.run_id
+
+
+def test_parallel_processes_create_one_store_and_experiment(tmp_path: Path) -> None:
+    uri = sqlite_uri(tmp_path / "new" / "mlflow.db")
+    code = "import sys; from common.bundle import ensure_experiment; print(ensure_experiment(sys.argv[1], 'study'))"
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, uri], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(4)
+    ]
+    results = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-500:] for _, err in results]
+    assert len({out.strip() for out, _ in results}) == 1
+    assert ensure_experiment(uri, "study") == results[0][0].strip()
+    location = MlflowClient(uri).get_experiment_by_name("study").artifact_location
+    assert location.startswith((tmp_path / "new" / "artifacts").as_uri())

@@ -66,7 +66,8 @@ def _unwrap(checkpoint: Mapping[str, object]) -> dict[str, torch.Tensor]:
 def detect_checkpoint_format(checkpoint: Mapping[str, object]) -> str:
     """Return the format of a checkpoint (one of :data:`CHECKPOINT_FORMATS`) from its keys."""
     state = _unwrap(checkpoint)
-    for detect, prefix in ((detect_profound_format, "profound_"), (detect_provicnet_format, "")):
+    # DINOv2 first: a hub backbone has a top-level mask_token too, which ProFound's rule reads as FCMAE
+    for detect, prefix in ((detect_provicnet_format, ""), (detect_profound_format, "profound_")):
         try:
             return prefix + detect(state)
         except ValueError:
@@ -104,7 +105,10 @@ def _load_by_name(model: nn.Module, state: dict[str, torch.Tensor], strict: bool
 
 
 def load_checkpoint(
-    model: nn.Module, path_or_state: str | os.PathLike | Mapping[str, object], strict: bool = True
+    model: nn.Module,
+    path_or_state: str | os.PathLike | Mapping[str, object],
+    strict: bool = True,
+    encoder_only: bool = False,
 ) -> nn.Module:
     """Load weights of any supported format into ``model`` and return ``model``.
 
@@ -113,6 +117,10 @@ def load_checkpoint(
     load_provicnet_checkpoint` (position-embedding resampling, modality channels); anything else loads by name.
     A checkpoint of one FM into the other FM's network is refused. Every failure is a ``ValueError`` that names the
     file (when given one), the format, and the missing / unexpected keys and shape mismatches.
+
+    ``encoder_only=True`` loads only the pretrained encoder (ProFound ``encoder.*``; ProViCNet ``backbone.*`` and the
+    slice-position tokens) and leaves the task head as initialised: the finetune bundles' case, whose pretrained
+    checkpoint has no head for their task. (A ProFound encoder-only file is routed to the encoder either way.)
     """
     source = os.fspath(path_or_state) if isinstance(path_or_state, str | os.PathLike) else "in-memory checkpoint"
     raw = read_checkpoint(path_or_state) if isinstance(path_or_state, str | os.PathLike) else path_or_state
@@ -130,10 +138,12 @@ def load_checkpoint(
         ):
             raise ValueError(f"a {fmt} checkpoint cannot be loaded into {type(model).__name__}")
         if family == "profound" and fmt.startswith("profound_"):
+            if encoder_only and fmt == "profound_dense" and any(k.startswith("encoder.") for k in state):
+                state = {k[len("encoder.") :]: v for k, v in state.items() if k.startswith("encoder.")}
             # official FCMAE/dense files may carry non-tensor entries (args); the ProFound loader wants tensors only
             load_profound_checkpoint(model, state, strict=strict)
         elif family == "provicnet" and fmt in ("dinov2_hub", "provicnet_official"):
-            load_provicnet_checkpoint(model, state, strict=strict)
+            load_provicnet_checkpoint(model, state, strict=strict, encoder_only=encoder_only)
         else:
             _load_by_name(model, state, strict)
     except ValueError as err:

@@ -27,6 +27,9 @@ class Profile:
         provicnet_size: ProViCNet backbone size (``DINOV2_SIZES``; the paper's is ``small``).
         slice_size: side ProViCNet resizes each slice to (a multiple of its 14-pixel patch).
         num_workers: data-loading worker processes.
+        lesion_patch_fraction: share of lesion pixels that makes a ProViCNet patch a "lesion" patch in the
+            lesion-guided contrast (official: 62/64 at 448-pixel slices, where a 14-pixel patch is ~6 mm; at smaller
+            slices a patch spans more tissue and a lesion covers less of it).
 
     The training fields default to the smoke profile's values, so a custom ``Profile`` for a pipeline needs only the
     data fields.
@@ -44,6 +47,7 @@ class Profile:
     provicnet_size: str = "small"
     slice_size: int = 56
     num_workers: int = 0
+    lesion_patch_fraction: float = 0.02
 
     @property
     def padded_size(self) -> tuple[int, int, int]:
@@ -60,17 +64,17 @@ PROFILES: dict[str, Profile] = {
     "smoke": Profile(
         "smoke", spatial_size=(64, 64, 32), divisible_by=(32, 32, 16), cohort_cases=24, cohort_size=(24, 96, 96),
         epochs=2, pretrain_epochs=3, batch_size=2, profound_size="atto", provicnet_size="small", slice_size=56,
-        num_workers=0,
+        num_workers=0, lesion_patch_fraction=0.02,
     ),
     "gpu": Profile(
         "gpu", spatial_size=(128, 128, 64), divisible_by=(32, 32, 16), cohort_cases=160, cohort_size=(32, 160, 160),
         epochs=20, pretrain_epochs=50, batch_size=2, profound_size="tiny", provicnet_size="small", slice_size=224,
-        num_workers=4,
+        num_workers=4, lesion_patch_fraction=0.25,
     ),
     "paper": Profile(
         "paper", spatial_size=(200, 200, 96), divisible_by=(32, 32, 16), cohort_cases=740, cohort_size=(32, 256, 256),
         epochs=100, pretrain_epochs=300, batch_size=2, profound_size="tiny", provicnet_size="small", slice_size=448,
-        num_workers=8,
+        num_workers=8, lesion_patch_fraction=62 / 64,
     ),
 }  # fmt: skip
 

@@ -110,6 +110,20 @@ def _retry(call, *args, attempts: int = 6, **kwargs):
     return None
 
 
+def _loss_components(output: object) -> dict[str, float]:
+    """Scalar entries other than ``loss`` of a network output dict (e.g. the pretraining objectives' terms)."""
+    if isinstance(output, Sequence) and output and isinstance(output[0], Mapping):
+        output = output[0]
+    pred = output.get("pred") if isinstance(output, Mapping) else None
+    if not isinstance(pred, Mapping):
+        return {}
+    return {
+        str(k): float(v.detach().float())
+        for k, v in pred.items()
+        if k != "loss" and isinstance(v, torch.Tensor) and v.numel() == 1
+    }
+
+
 def _loss_of(output: object) -> float | None:
     """The loss of an iteration from a MONAI trainer's output (a dict, or a list of per-sample dicts)."""
     if isinstance(output, Sequence) and output and isinstance(output[0], Mapping):
@@ -128,8 +142,10 @@ class StudyTracker:
 
     - tags: ``tags`` (``model``, ``task``, ``regime``, ``seed``, ``profile``, ``study``, ``bundle``,
       ``bundle_version``, ``metric_name``) plus ``git_commit``; params: ``params``;
-    - per epoch (step = epoch, 1-based): ``train_loss`` (mean over the epoch's iterations), ``lr``, and
-      ``val_metric`` from ``validator``'s key metric when a validator is given;
+    - per epoch (step = epoch, 1-based): ``train_loss`` (mean over the epoch's iterations), ``train_<term>`` for each
+      scalar term a network reports beside its loss (``{"loss", "dino_loss", "patch_loss"}`` gives
+      ``train_dino_loss`` and ``train_patch_loss``), ``lr``, and ``val_metric`` from ``validator``'s key metric when
+      a validator is given;
     - at the end: ``wall_seconds`` (summed over resumed segments), ``gpu_hours`` (GPUs x hours), the executed config
       and each existing path of ``artifacts``; the run is then FINISHED. An exception marks it FAILED and is
       re-raised. A loss that is NaN or infinite stops the run with a message naming the epoch and iteration.
@@ -176,6 +192,7 @@ class StudyTracker:
         self._client = None
         self._trainer = None
         self._losses: list[float] = []
+        self._terms: dict[str, list[float]] = {}
         self._segment_start = 0.0
         self._previous_seconds = 0.0
 
@@ -254,6 +271,8 @@ class StudyTracker:
                 "stopping (lower the learning rate, check the inputs for NaN, or use fp32)"
             )
         self._losses.append(loss)
+        for key, value in _loss_components(engine.state.output).items():
+            self._terms.setdefault(key, []).append(value)
 
     def _log(self, key: str, value: float, step: int) -> None:
         _retry(self._client.log_metric, self.run_id, key, float(value), step=int(step))
@@ -263,6 +282,9 @@ class StudyTracker:
         if self._losses:
             self._log("train_loss", sum(self._losses) / len(self._losses), epoch)
             self._losses = []
+        for key, values in self._terms.items():
+            self._log(f"train_{key}", sum(values) / len(values), epoch)
+        self._terms = {}
         if self.optimizer is not None:
             self._log("lr", self.optimizer.param_groups[0]["lr"], epoch)
         self._write_state("RUNNING")

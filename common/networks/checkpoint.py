@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .dinov2 import DinoVisionTransformer
-from .profound import ProFoundEncoder, detect_profound_format, load_profound_checkpoint
+from .profound import ProFoundEncoder, adapt_profound_stem, detect_profound_format, load_profound_checkpoint
 from .provicnet import detect_provicnet_format, load_provicnet_checkpoint
 
 __all__ = ["CHECKPOINT_FORMATS", "detect_checkpoint_format", "load_checkpoint", "read_checkpoint"]
@@ -83,6 +83,16 @@ def _family(model: nn.Module) -> str:
     return "other"
 
 
+def _adapt_profound_channels(model: nn.Module, state: dict[str, torch.Tensor], fmt: str) -> dict[str, torch.Tensor]:
+    """Adapt a dense checkpoint's stem to the model's input channels (FCMAE stems are converted later, unchanged)."""
+    encoder = model if isinstance(model, ProFoundEncoder) else model.encoder
+    wanted = encoder.downsample_layers[0][0].weight.shape[1]
+    stems = [k for k in ("downsample_layers.0.0.weight", "encoder.downsample_layers.0.0.weight") if k in state]
+    if fmt != "profound_dense" or not stems or state[stems[0]].shape[1] == wanted:
+        return state
+    return adapt_profound_stem(state, wanted)
+
+
 def _load_by_name(model: nn.Module, state: dict[str, torch.Tensor], strict: bool) -> None:
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
@@ -118,6 +128,10 @@ def load_checkpoint(
     A checkpoint of one FM into the other FM's network is refused. Every failure is a ``ValueError`` that names the
     file (when given one), the format, and the missing / unexpected keys and shape mismatches.
 
+    Input channels follow the network: a ProFound stem pretrained on other channels is adapted by
+    :func:`~common.networks.profound.adapt_profound_stem` (each new channel gets the channel-mean kernel), a ProViCNet
+    patch embedding is tiled over modalities; both keep the response to an image repeated on every channel.
+
     ``encoder_only=True`` loads only the pretrained encoder (ProFound ``encoder.*``; ProViCNet ``backbone.*`` and the
     slice-position tokens) and leaves the task head as initialised: the finetune bundles' case, whose pretrained
     checkpoint has no head for their task. (A ProFound encoder-only file is routed to the encoder either way.)
@@ -140,7 +154,7 @@ def load_checkpoint(
         if family == "profound" and fmt.startswith("profound_"):
             if encoder_only and fmt == "profound_dense" and any(k.startswith("encoder.") for k in state):
                 state = {k[len("encoder.") :]: v for k, v in state.items() if k.startswith("encoder.")}
-            # official FCMAE/dense files may carry non-tensor entries (args); the ProFound loader wants tensors only
+            state = _adapt_profound_channels(model, state, fmt)
             load_profound_checkpoint(model, state, strict=strict)
         elif family == "provicnet" and fmt in ("dinov2_hub", "provicnet_official"):
             load_provicnet_checkpoint(model, state, strict=strict, encoder_only=encoder_only)

@@ -595,7 +595,10 @@ class ProViCNetPretrainer(nn.Module):
         lesion: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> dict[str, torch.Tensor]:
-        """``(N, C, h, w), (N, 2)`` [and lesion ``(N, 1, h, w)``] ``-> {"loss", "dino_loss", "patch_loss"}`` scalars.
+        """``(N, C, h, w), (N, 2)`` [and lesion ``(N, 1, h, w)``] ``-> {"loss", "dino_loss", "patch_loss",
+        "teacher_entropy", "dino_kl"}`` scalars; the last two (no gradient) split the DINO cross-entropy into the
+        teacher's entropy, which rises early while the centre adapts, and KL(teacher || student), which training
+        lowers.
 
         Two global views are drawn with ``generator``; teacher and student see both; the DINO loss matches each
         student view with the other teacher view. ``patch_loss`` is 0 without a mask or without lesion patches.
@@ -631,7 +634,15 @@ class ProViCNetPretrainer(nn.Module):
         terms = [t for t in terms if t is not None]
         # mean over the views that had lesion patches; an exact (graph-connected) zero when none had
         patch_loss = sum(terms) / len(terms) if terms else self._zero_patch_loss(feats["x_norm_patchtokens"])
-        return {"loss": dino_loss + self.patch_weight * patch_loss, "dino_loss": dino_loss, "patch_loss": patch_loss}
+        with torch.no_grad():  # CE = H(teacher) + KL(teacher || student): the KL is the student's progress measure
+            entropy = torch.stack([-(t * t.clamp_min(1e-12).log()).sum(dim=-1).mean() for t in t_probs]).mean()
+        return {
+            "loss": dino_loss + self.patch_weight * patch_loss,
+            "dino_loss": dino_loss,
+            "patch_loss": patch_loss,
+            "teacher_entropy": entropy,
+            "dino_kl": dino_loss.detach() - entropy,
+        }
 
 
 def save_student_checkpoint(model: ProViCNetPretrainer, path: str | os.PathLike) -> None:

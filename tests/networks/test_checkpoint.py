@@ -123,3 +123,17 @@ def test_unsafe_pickles_and_missing_files_are_refused(tmp_path: Path) -> None:
         load_checkpoint(_provicnet(), path)
     with pytest.raises(ValueError, match="no checkpoint file at .*nowhere.pt"):
         load_checkpoint(_provicnet(), tmp_path / "nowhere.pt")
+
+
+def test_profound_stem_pretrained_on_three_channels_adapts_to_the_task_channels(tmp_path: Path) -> None:
+    encoder = profound_encoder("atto", in_channels=3)
+    path = _save({"network": encoder.state_dict()}, tmp_path / "pretrained.pt")
+    target = load_checkpoint(ProFoundDense(encoder_size="atto", in_channels=2, out_channels=1), path)
+    stem = encoder.state_dict()["downsample_layers.0.0.weight"]
+    expected = (stem.sum(dim=1, keepdim=True) / 2).repeat(1, 2, 1, 1, 1)
+    assert torch.allclose(target.encoder.downsample_layers[0][0].weight, expected)
+    # the point of the rule: an image repeated on both channels meets the pretrained stem's response to it
+    x = torch.randn(1, 1, 16, 16, 16)
+    adapted = torch.nn.functional.conv3d(x.repeat(1, 2, 1, 1, 1), expected, stride=4)
+    original = torch.nn.functional.conv3d(x.repeat(1, 3, 1, 1, 1), stem, stride=4)
+    assert torch.allclose(adapted, original, atol=1e-5)

@@ -74,6 +74,7 @@ __all__ = [
     "MASK_KEYS",
     "PIRADS_PROBABILITIES",
     "PIRADS_TO_CLASS",
+    "pirads_of_case",
     "case_id",
     "main",
     "make_case",
@@ -392,10 +393,24 @@ class _Canvas:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _draw_parameters(rng: np.random.Generator) -> dict[str, Any]:
+_PIRADS_BLOCK = 20
+
+
+def pirads_of_case(seed: int, index: int) -> int:
+    """PI-RADS of case ``index``: dealt from shuffled blocks of 20 cases holding exactly the proportions of
+    :data:`PIRADS_PROBABILITIES` (3, 3, 5, 5, 4 cases of PI-RADS 1-5), so that every 20 consecutive cases of a cohort
+    have the PROMIS-like mix and small cohorts are not left with a class or two by chance; still independent of the
+    cohort's size."""
+    block, position = divmod(index, _PIRADS_BLOCK)
+    counts = [round(p * _PIRADS_BLOCK) for p in PIRADS_PROBABILITIES.values()]
+    grades = np.repeat(list(PIRADS_PROBABILITIES), counts)
+    np.random.default_rng([seed, block, 2]).shuffle(grades)
+    return int(grades[position])
+
+
+def _draw_parameters(rng: np.random.Generator, pirads: int) -> dict[str, Any]:
     """All per-case random scalars, drawn in a fixed order before any grid-sized array."""
-    g: dict[str, Any] = {}
-    g["pirads"] = int(rng.choice(list(PIRADS_PROBABILITIES), p=list(PIRADS_PROBABILITIES.values())))
+    g: dict[str, Any] = {"pirads": pirads}
     g["gain_t2"], g["gain_dwi"] = rng.uniform(0.8, 1.25, 2)
     g["yaw"] = rng.uniform(-3.0, 3.0)
     # Prostate: volume 25-60 ml; half-axes width : AP : cranio-caudal = 1 : 0.7 : 0.85 (x1.06 for the apex taper
@@ -696,7 +711,7 @@ def make_case(case_id: int | str, seed: int = 0, size: Sequence[int] = DEFAULT_S
     d, h, w = _check_size(size)
     shape, spacing = (h, w, d), spacing_for((d, h, w))
     rng = np.random.default_rng([seed, index])
-    g = _draw_parameters(rng)
+    g = _draw_parameters(rng, pirads_of_case(seed, index))
     tex = np.random.default_rng([seed, index, 1])
     grid = _Grid(shape, spacing, g["yaw"])
     maps = _render(g, grid, tex)

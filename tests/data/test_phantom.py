@@ -296,3 +296,15 @@ def test_preview_png(cohort: Path, tmp_path: Path) -> None:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="missing"):
         preview_png({"t2w": np.zeros((4, 4, 4))}, tmp_path / "bad.png")
+
+
+@pytest.mark.parametrize("seed", [0, 5])
+def test_every_block_of_twenty_cases_has_the_promis_like_pirads_mix(seed: int) -> None:
+    from collections import Counter
+
+    from common.data.phantom import pirads_of_case
+
+    for block in range(3):
+        grades = Counter(pirads_of_case(seed, 20 * block + k) for k in range(20))
+        assert grades == {1: 3, 2: 3, 3: 5, 4: 5, 5: 4}
+    assert [pirads_of_case(seed, k) for k in range(40)] != [pirads_of_case(seed + 1, k) for k in range(40)]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from common.data.phantom import make_case
+from common.data.phantom import make_case, pirads_of_case
 from common.networks import DinoVisionTransformer, ProViCNetDense, load_checkpoint, neighbour_slice_indices
 from common.networks.provicnet import load_provicnet_checkpoint
 from common.pretraining.dino import (
@@ -49,9 +49,11 @@ def tiny_pretrainer(**kwargs: object) -> ProViCNetPretrainer:
 
 @functools.cache
 def phantom_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Slice stacks (8, 3, 56, 56), positions (8, 2) and lesion masks (8, 1, 56, 56) of phantom case 1 (lesion on
-    slices 2 and 3). The lesion covers at most ~8 % of a 14 x 14 patch here, hence ``lesion_fraction=0.02``."""
-    c = make_case(1, seed=0, size=(8, 56, 56))
+    """Slice stacks (8, 3, 56, 56), positions (8, 2) and lesion masks (8, 1, 56, 56) of the first phantom case with a
+    PI-RADS 5 lesion. The lesion covers a small part of a 14 x 14 patch here, hence ``lesion_fraction=0.02``."""
+    index = next(k for k in range(40) if pirads_of_case(0, k) == 5)
+    c = make_case(index, seed=0, size=(8, 56, 56))
+    assert c["lesion"].any(), "the fixture needs a lesion"
     t2 = torch.from_numpy(c["t2w"])
     t2 = (t2 - t2.mean()) / t2.std()
     stacks = t2[..., neighbour_slice_indices(8, 3)].permute(2, 3, 0, 1)  # (H, W, D, 3) -> (D, 3, H, W)

@@ -24,6 +24,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from ._state import state_dict_problems
 from .dinov2 import DinoVisionTransformer
 from .profound import ProFoundEncoder, adapt_profound_stem, detect_profound_format, load_profound_checkpoint
 from .provicnet import detect_provicnet_format, load_provicnet_checkpoint
@@ -95,22 +96,9 @@ def _adapt_profound_channels(model: nn.Module, state: dict[str, torch.Tensor], f
 
 def _load_by_name(model: nn.Module, state: dict[str, torch.Tensor], strict: bool) -> None:
     expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    mismatched = [
-        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
-        for k, v in state.items()
-        if k in expected and v.shape != expected[k].shape
-    ]
-    if mismatched or (strict and (missing or unexpected)):
-        lines = [f"checkpoint does not fit {type(model).__name__}."]
-        if strict and missing:
-            lines.append(f"missing keys ({len(missing)}): {missing}")
-        if strict and unexpected:
-            lines.append(f"unexpected keys ({len(unexpected)}): {unexpected}")
-        if mismatched:
-            lines.append(f"shape mismatches ({len(mismatched)}): {mismatched}")
-        raise ValueError("\n".join(lines))
+    problems = state_dict_problems(expected, state, strict)
+    if problems:
+        raise ValueError("\n".join([f"checkpoint does not fit {type(model).__name__}.", *problems]))
     model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
 
 

@@ -30,6 +30,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
+from ._state import state_dict_problems
 from .blocks.convnext import ConvNeXtV2Block, LayerNormChannelsFirst
 from .decoders import UnetrDecoder3d, UperNetDecoder3d
 from .heads import MLPHead, SubpixelUpsample3dHead
@@ -630,22 +631,10 @@ def load_profound_checkpoint(
     prefix = "" if target is model else "encoder."
     expected = target.state_dict()
     tolerated = {"norm.weight", "norm.bias"} if fmt == "fcmae" else set()
-    missing = [k for k in expected if k not in state and k not in tolerated]
-    unexpected = [k for k in state if k not in expected]
-    mismatched = [
-        f"{prefix}{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
-        for k, v in state.items()
-        if k in expected and v.shape != expected[k].shape
-    ]
-    if mismatched or (strict and (missing or unexpected)):
-        lines = [f"load_profound_checkpoint: {fmt} checkpoint does not fit {type(model).__name__}."]
-        if missing and strict:
-            lines.append(f"missing keys ({len(missing)}): {[prefix + k for k in missing]}")
-        if unexpected and strict:
-            lines.append(f"unexpected keys ({len(unexpected)}): {[prefix + k for k in unexpected]}")
-        if mismatched:
-            lines.append(f"shape mismatches ({len(mismatched)}): {mismatched}")
-        raise ValueError("\n".join(lines))
+    problems = state_dict_problems(expected, state, strict, scope=set(expected) - tolerated, prefix=prefix)
+    if problems:
+        raise ValueError("\n".join([f"load_profound_checkpoint: {fmt} checkpoint does not fit {type(model).__name__}.",
+                                    *problems]))  # fmt: skip
     target.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
     return model
 

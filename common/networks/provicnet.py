@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.networks._state import state_dict_problems
 from common.networks.dinov2 import DinoVisionTransformer, interpolate_pos_embed, provicnet_backbone
 from common.networks.heads import MLPHead, SubpixelUpsample3dHead
 
@@ -756,22 +757,9 @@ def load_provicnet_checkpoint(
         )
     if pw in source and pw in target and source[pw].ndim == 4:
         source[pw] = _adapt_patch_weight(source[pw], target[pw].shape[1])
-    missing = sorted(scope - set(source))
-    unexpected = sorted(set(source) - set(target))
-    mismatched = [
-        f"{k}: checkpoint {tuple(source[k].shape)} vs model {tuple(target[k].shape)}"
-        for k in sorted(scope & set(source))
-        if source[k].shape != target[k].shape
-    ]
-    problems = []
-    if mismatched:
-        problems.append("shape mismatches: " + "; ".join(mismatched))
-    if strict and missing:
-        problems.append(f"missing keys ({len(missing)}): {missing}")
-    if strict and unexpected:
-        problems.append(f"unexpected keys ({len(unexpected)}): {unexpected}")
+    problems = state_dict_problems(target, source, strict, scope=scope)
     if problems:
-        raise ValueError(f"cannot load the {fmt} checkpoint into {type(model).__name__}: " + " | ".join(problems))
+        raise ValueError(f"cannot load the {fmt} checkpoint into {type(model).__name__}:\n" + "\n".join(problems))
     loaded = sorted(scope & set(source))
     model.load_state_dict({k: source[k] for k in loaded}, strict=False)
     return {"loaded": loaded, "kept": sorted(set(target) - set(loaded)), "ignored": sorted(set(source) - set(loaded))}

@@ -4,6 +4,8 @@
   dense decoders, classification and super-resolution heads, FCMAE checkpoint conversion, finetune freezing.
 - ProViCNet (:mod:`.provicnet`, :mod:`.dinov2`): the DINOv2 ViT with registers and LayerScale, the 2.5D ProViCNet
   model with slice-position tokens and its heads, DINOv2 hub / official checkpoint conversion, finetune freezing.
+- Specialised task models (:mod:`.specialised`, :mod:`.transunet`): MONAI's 3D ResNet-50, UNet, ViTAutoEnc and
+  DiffusionModelUNet with the representation contract, and a 3D TransUNet for super-resolution.
 - :func:`load_checkpoint`: one loader for every format (:mod:`.checkpoint`).
 
 Every study model has ``forward_representations(x) -> {"head_input": (B, d), "encoder": (B, e)}``, the pooled
@@ -51,12 +53,28 @@ from .provicnet import (
     load_provicnet_checkpoint,
     neighbour_slice_indices,
 )
+from .specialised import (
+    SPECIALISED_MODELS,
+    ConditionalDiffusionUNet,
+    ResNet50Classifier,
+    UNetSegmenter,
+    ViTImageToImage,
+    specialised_network,
+)
+from .transunet import TransUNet3d
 
 __all__ = [
     "CHECKPOINT_FORMATS",
     "DINOV2_SIZES",
     "GRN",
     "PROFOUND_SIZES",
+    "SPECIALISED_MODELS",
+    "ConditionalDiffusionUNet",
+    "ResNet50Classifier",
+    "TransUNet3d",
+    "UNetSegmenter",
+    "ViTImageToImage",
+    "specialised_network",
     "ConvNeXtV2Block",
     "ConvUpsampleHead",
     "DinoVisionTransformer",

@@ -45,7 +45,7 @@ def _spatial_mean(x: torch.Tensor) -> torch.Tensor:
 
 def _check_5d(name: str, x: torch.Tensor, channels: int) -> None:
     if x.ndim != 5 or x.shape[1] != channels:
-        raise ValueError(f"{name}: expected (B, {channels}, H, W, D), got {tuple(x.shape)}.")
+        raise ValueError(f"{name}: expected (B, {channels}, H, W, D), got {list(x.shape)}.")
 
 
 class ResNet50Classifier(ResNet):
@@ -114,7 +114,7 @@ class ResNet50Classifier(ResNet):
         self.n_input_channels = n_input_channels
 
     def forward_feature_maps(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``(B, C_in, H, W, D) -> {"head_input": m, "encoder": m}`` with ``m`` the ``layer4`` map ``(B, F, h, w, d)``."""
+        """``(B, C_in, H, W, D) -> {"head_input": m, "encoder": m}``, ``m`` the ``layer4`` map ``(B, F, h, w, d)``."""
         _check_5d("ResNet50Classifier", x, self.n_input_channels)
         x = self.act(self.bn1(self.conv1(x)))
         if not self.no_max_pool:
@@ -252,6 +252,7 @@ class ViTImageToImage(ViTAutoEnc):
     follow, the token grid is upsampled back by two transposed convs with kernel = stride = ``sqrt(patch_size)``
     (MONAI's design, hence every patch side must be a perfect square: 1, 4, 9, 16, ...). Unlike ``ViTAutoEnc``,
     ``forward`` returns only the image (not the hidden states), so it plugs into MONAI trainers and inferers.
+    The unused ``blocks.*.norm_cross_attn`` LayerNorms (MONAI builds them even without cross attention) are frozen.
 
     Args:
         in_channels: input channels. Default 1 (warped T2W).
@@ -315,21 +316,24 @@ class ViTImageToImage(ViTAutoEnc):
             qkv_bias=qkv_bias,
         )
         self.in_channels = in_channels
+        for blk in self.blocks:  # built by MONAI, unused without cross attention; frozen so DDP sees no unused params
+            blk.norm_cross_attn.requires_grad_(False)
 
     def forward_feature_maps(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """``(B, C_in, H, W, D) -> {"head_input": (B, deconv_chns, H / sqrt(pH), ...), "encoder": (B, hidden,
         H / pH, W / pW, D / pD)}`` (the normalised tokens on their grid)."""
         _check_5d("ViTImageToImage", x, self.in_channels)
-        if tuple(x.shape[2:]) != tuple(self.img_size):
-            raise ValueError(
-                f"ViTImageToImage: input size {tuple(x.shape[2:])} must equal img_size {tuple(self.img_size)}."
-            )
+        size, img, patch = x.shape[2:], self.img_size, self.patch_size
+        if size[0] != img[0] or size[1] != img[1] or size[2] != img[2]:
+            raise ValueError(f"ViTImageToImage: input size {list(size)} must equal img_size {img}.")
         tokens = self.patch_embedding(x)  # (B, N, hidden)
         for blk in self.blocks:
             tokens = blk(tokens)
         tokens = self.norm(tokens)
-        grid = [s // p for s, p in zip(self.img_size, self.patch_size, strict=True)]
-        grid_map = tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], *grid)
+        # (B, N, hidden) -> (B, hidden, H / pH, W / pW, D / pD)
+        grid_map = tokens.transpose(1, 2).reshape(
+            tokens.shape[0], tokens.shape[2], img[0] // patch[0], img[1] // patch[1], img[2] // patch[2]
+        )
         return {"head_input": self.conv3d_transpose(grid_map), "encoder": grid_map}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]

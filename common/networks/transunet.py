@@ -40,7 +40,8 @@ class TransUNet3d(nn.Module):
       1/2, 1/4, 1/8), stage ``n-1`` (stride ``S = S_{n-1}``, paper 1/16) is tokenised.
     - Transformer (paper section 3.1, Eq. 1-3): every voxel of the last CNN map is one token (patch size 1, as the
       paper's hybrid), linear projection (1x1x1 conv) to ``hidden_size``, learned position embeddings, ``num_layers``
-      MONAI ``TransformerBlock`` (pre-norm MSA + MLP) and a final ``LayerNorm``.
+      MONAI ``TransformerBlock`` (pre-norm MSA + MLP) and a final ``LayerNorm``. MONAI's blocks always hold a
+      ``norm_cross_attn`` LayerNorm that is unused without cross attention; it is frozen (``requires_grad=False``).
     - Cascaded upsampler (paper section 3.2): tokens reshaped to ``(B, hidden, H/S, W/S, D/S)``, a 3x3x3 conv block to
       ``channels[-1]`` (paper's ``conv_more``), then for ``i = n-1 .. 1`` an ``UnetrUpBlock`` (transposed conv by
       ``strides[i]``, concatenation with skip ``i-1``, residual block) to ``channels[i-1]``, then a last up block
@@ -148,6 +149,8 @@ class TransUNet3d(nn.Module):
         self.blocks = nn.ModuleList(
             [TransformerBlock(hidden_size, mlp_dim, num_heads, dropout_rate, qkv_bias) for _ in range(num_layers)]
         )
+        for blk in self.blocks:  # MONAI builds it even without cross attention; frozen so DDP sees no unused params
+            blk.norm_cross_attn.requires_grad_(False)
         self.norm = nn.LayerNorm(hidden_size)
 
         # cascaded upsampler

@@ -112,10 +112,15 @@ def pixel_shuffle_3d(x: torch.Tensor, scale: Sequence[int]) -> torch.Tensor:
     s0, s1, s2 = _check_scale(scale, "pixel_shuffle_3d")
     if x.ndim != 5:
         raise ValueError(f"pixel_shuffle_3d: expected (B, C, X, Y, Z), got shape {tuple(x.shape)}.")
-    b, c, nx, ny, nz = x.shape
+    if x.shape[1] % (s0 * s1 * s2) != 0:
+        raise ValueError(f"pixel_shuffle_3d: channels {x.shape[1]} are not divisible by prod(scale) = {s0 * s1 * s2}.")
+    return _shuffle(x, s0, s1, s2)
+
+
+def _shuffle(x: torch.Tensor, s0: int, s1: int, s2: int) -> torch.Tensor:
+    """The reshape of :func:`pixel_shuffle_3d` alone, in TorchScript-compatible form (the head calls it)."""
+    b, c, nx, ny, nz = x.shape[0], x.shape[1], x.shape[2], x.shape[3], x.shape[4]
     r = s0 * s1 * s2
-    if c % r != 0:
-        raise ValueError(f"pixel_shuffle_3d: channels {c} are not divisible by prod(scale) = {r}.")
     x = x.reshape(b, c // r, s0, s1, s2, nx, ny, nz)
     x = x.permute(0, 1, 5, 2, 6, 3, 7, 4)  # (B, C, X, s0, Y, s1, Z, s2)
     return x.reshape(b, c // r, nx * s0, ny * s1, nz * s2)
@@ -173,7 +178,5 @@ class SubpixelUpsample3dHead(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C_in, H, W, D) -> (B, C_out, H * s0, W * s1, D * s2)``."""
         if x.ndim != 5 or x.shape[1] != self.in_channels:
-            raise ValueError(
-                f"SubpixelUpsample3dHead: expected (B, {self.in_channels}, H, W, D), got {tuple(x.shape)}."
-            )
-        return pixel_shuffle_3d(self.conv(x), self.scale)
+            raise ValueError(f"SubpixelUpsample3dHead: expected (B, {self.in_channels}, H, W, D), got {list(x.shape)}.")
+        return _shuffle(self.conv(x), self.scale[0], self.scale[1], self.scale[2])

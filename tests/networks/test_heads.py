@@ -118,3 +118,11 @@ def test_mlp_head_rejects_bad_args(kwargs):
     args = {"in_channels": 8, "out_channels": 2, **kwargs}
     with pytest.raises(ValueError):
         MLPHead(**args)
+
+
+def test_subpixel_head_exports_to_torchscript_with_the_same_output() -> None:
+    head = SubpixelUpsample3dHead(in_channels=4, out_channels=2, scale=(1, 2, 2))
+    x = torch.randn(2, 4, 3, 4, 5)
+    scripted = torch.jit.script(head)
+    assert torch.equal(scripted(x), head(x))
+    assert scripted(x).shape == (2, 2, 3, 8, 10)

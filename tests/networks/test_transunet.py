@@ -112,8 +112,9 @@ def test_gradient_reaches_every_parameter(kwargs: dict) -> None:
         assert p.grad.abs().sum() > 0, name
 
 
-def test_torchscript_with_conv_head() -> None:
-    net = _net(img_size=(32, 32, 16), scale=(1, 1, 1))
+@pytest.mark.parametrize("scale", [(1, 1, 1), (1, 1, 2)])
+def test_torchscript_with_conv_and_subpixel_heads(scale: tuple[int, int, int]) -> None:
+    net = _net(img_size=(32, 32, 16), scale=scale)
     scripted = torch.jit.script(net)
     x = torch.randn(1, 1, 64, 32, 16)  # interpolated position embeddings in the scripted path too
     torch.testing.assert_close(scripted(x), net(x))

@@ -4,7 +4,7 @@ snapshots and test predictions the analysis reads (``snapshots``), and engine gl
 from __future__ import annotations
 
 from .data import COHORT_SEED, load_split, resolve_datalist
-from .engine import OutputLoss, SaveOnCompleted
+from .engine import OutputLoss, ResumeCheckpoint, SaveCheckpoints, SaveOnCompleted, resume_checkpoint
 from .snapshots import FeatureSnapshots, TestPredictions
 from .tracking import StudyTracker, ensure_experiment, git_commit, sqlite_uri, unique_run_name
 
@@ -12,6 +12,8 @@ __all__ = [
     "COHORT_SEED",
     "FeatureSnapshots",
     "OutputLoss",
+    "ResumeCheckpoint",
+    "SaveCheckpoints",
     "SaveOnCompleted",
     "StudyTracker",
     "TestPredictions",
@@ -19,6 +21,7 @@ __all__ = [
     "git_commit",
     "load_split",
     "resolve_datalist",
+    "resume_checkpoint",
     "sqlite_uri",
     "unique_run_name",
 ]

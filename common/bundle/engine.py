@@ -3,14 +3,19 @@ write custom ones only where a task needs it)."""
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
 from torch import nn
 
-__all__ = ["OutputLoss", "SaveOnCompleted"]
+__all__ = ["OutputLoss", "ResumeCheckpoint", "SaveCheckpoints", "SaveOnCompleted", "resume_checkpoint"]
+
+_CHECKPOINT = re.compile(r"checkpoint_epoch=(\d+)\.pt$")
 
 
 class OutputLoss(nn.Module):
@@ -25,6 +30,101 @@ class OutputLoss(nn.Module):
         if not isinstance(prediction, Mapping) or self.key not in prediction:
             raise ValueError(f"OutputLoss: the network output has no {self.key!r} entry")
         return prediction[self.key]
+
+
+def _checkpoints(folder: Path) -> list[tuple[int, Path]]:
+    """``(epoch, path)`` of the ``checkpoint_epoch=<k>.pt`` files in ``folder``, oldest first."""
+    matches = ((_CHECKPOINT.search(p.name), p) for p in folder.glob("checkpoint_epoch=*.pt"))
+    return sorted((int(m.group(1)), p) for m, p in matches if m)
+
+
+def resume_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The checkpoint a restarted run continues from: the newest ``models/checkpoint_epoch=<k>.pt`` of
+    ``output_dir``, or None when there is none or when the run there already finished (its ``mlflow_run.json`` says
+    FINISHED): running a finished bundle again trains anew."""
+    folder = Path(output_dir) / "models"
+    state = Path(output_dir) / "mlflow_run.json"
+    if state.is_file() and json.loads(state.read_text()).get("status") == "FINISHED":
+        return None
+    found = _checkpoints(folder)
+    return str(found[-1][1]) if found else None
+
+
+class ResumeCheckpoint:
+    """Ignite handler that restores a run from ``checkpoint`` (network, optimiser, scheduler and the engine's own
+    epoch / iteration) when the engine starts; a no-op when ``checkpoint`` is None.
+
+    MONAI's ``CheckpointLoader`` needs the trainer in its ``load_dict``, which a bundle config cannot reference from
+    the trainer's own handler list; this handler adds the engine when it is attached. Put it first in
+    ``train#handlers``: handlers that look at ``engine.state.epoch`` at start (the MLflow tracker, the feature
+    snapshots) then see the restored epoch.
+
+    Args:
+        objects: what the checkpoint holds besides the trainer, e.g. ``{"network", "optimizer", "lr_scheduler"}``.
+        checkpoint: path of a ``CheckpointSaver`` file, or None. Read with ``weights_only=True``.
+        map_location: device for the loaded tensors. Default ``"cpu"``.
+    """
+
+    def __init__(self, objects: Mapping[str, object], checkpoint: str | os.PathLike | None, map_location="cpu"):
+        self.objects = dict(objects)
+        self.checkpoint = None if checkpoint is None else os.fspath(checkpoint)
+        self.map_location = map_location
+
+    def attach(self, engine) -> None:
+        if self.checkpoint is None:
+            return
+        from monai.handlers import CheckpointLoader
+
+        logging.getLogger(__name__).info(f"resuming from {self.checkpoint}")
+        loader = CheckpointLoader(
+            load_path=self.checkpoint, load_dict={**self.objects, "trainer": engine}, map_location=self.map_location
+        )
+        loader.attach(engine)
+
+
+def _unwrap(module: object) -> object:
+    return module.module if isinstance(module, nn.parallel.DistributedDataParallel | nn.DataParallel) else module
+
+
+class SaveCheckpoints:
+    """Ignite handler: at the end of every ``save_interval``-th epoch, write ``checkpoint_epoch=<k>.pt`` into
+    ``save_dir`` atomically (a temporary file renamed into place), then delete all but the newest ``n_saved``.
+
+    MONAI's ``CheckpointSaver`` writes in place (``atomic=False``), so a run killed while saving leaves a truncated
+    newest checkpoint and its restart fails; here a kill leaves the previous checkpoint intact. The file holds
+    ``{name: obj.state_dict() for name in objects}`` plus ``"trainer"`` (the engine's epoch and iteration), the layout
+    MONAI's ``CheckpointLoader`` and :class:`ResumeCheckpoint` read. Wrapped (DDP) networks are saved unwrapped; only
+    rank 0 writes. Attach it after the MLflow tracker (``initialize`` in the bundles): an epoch is logged before it
+    is checkpointed, and a resumed run skips epochs it already logged, so no epoch is lost or repeated.
+    """
+
+    def __init__(
+        self, objects: Mapping[str, object], save_dir: str | os.PathLike, n_saved: int = 1, save_interval: int = 1
+    ) -> None:
+        if n_saved < 1 or save_interval < 1:
+            raise ValueError(f"n_saved and save_interval must be >= 1, got {n_saved} and {save_interval}")
+        self.objects = dict(objects)
+        self.save_dir = Path(save_dir)
+        self.n_saved = n_saved
+        self.save_interval = save_interval
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.save_interval), self)
+
+    def __call__(self, engine) -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank():
+            return
+        self.save_dir.mkdir(parents=True, exist_ok=True)
+        state = {name: _unwrap(obj).state_dict() for name, obj in self.objects.items()}
+        state["trainer"] = engine.state_dict()
+        path = self.save_dir / f"checkpoint_epoch={engine.state.epoch}.pt"
+        tmp = path.with_name(f".{path.name}.tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+        for _, old in _checkpoints(self.save_dir)[: -self.n_saved]:
+            old.unlink(missing_ok=True)
 
 
 class SaveOnCompleted:

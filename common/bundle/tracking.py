@@ -148,7 +148,8 @@ class StudyTracker:
       a validator is given;
     - at the end: ``wall_seconds`` (summed over resumed segments), ``gpu_hours`` (GPUs x hours), the executed config
       and each existing path of ``artifacts``; the run is then FINISHED. An exception marks it FAILED and is
-      re-raised. A loss that is NaN or infinite stops the run with a message naming the epoch and iteration.
+      re-raised. A loss that is NaN or infinite stops the run with a message naming the epoch and iteration. A resumed
+      run does not log again an epoch its MLflow run already holds (one record per epoch).
 
     Args:
         tracking_uri: the store, e.g. ``sqlite:///abs/path/mlflow.db`` or ``http://localhost:5000``.
@@ -195,6 +196,7 @@ class StudyTracker:
         self._terms: dict[str, list[float]] = {}
         self._segment_start = 0.0
         self._previous_seconds = 0.0
+        self._logged_epochs = 0
 
     # ---------------------------------------------------------------------------------------------------------
     def attach(self, engine) -> None:
@@ -248,6 +250,9 @@ class StudyTracker:
         resumed = self._resumable_run(client, engine.state.epoch)
         if resumed is not None:
             self.run_id, self._previous_seconds = resumed
+            # a kill between logging epoch k and checkpointing it re-runs epoch k: keep its first record only
+            history = _retry(client.get_metric_history, self.run_id, "train_loss")
+            self._logged_epochs = max((m.step for m in history), default=0)
             _retry(client.update_run, self.run_id, status="RUNNING")
             logger.info(f"MLflow: resuming run {self.run_id} at epoch {engine.state.epoch}")
         else:
@@ -279,6 +284,9 @@ class StudyTracker:
 
     def epoch_completed(self, engine) -> None:
         epoch = engine.state.epoch
+        if epoch <= self._logged_epochs:
+            self._losses, self._terms = [], {}
+            return
         if self._losses:
             self._log("train_loss", sum(self._losses) / len(self._losses), epoch)
             self._losses = []
@@ -292,6 +300,8 @@ class StudyTracker:
     def validation_completed(self, evaluator) -> None:
         name = getattr(evaluator.state, "key_metric_name", None)
         if self._trainer is None or self.run_id is None or name not in evaluator.state.metrics:
+            return
+        if self._trainer.state.epoch <= self._logged_epochs:
             return
         self._log("val_metric", evaluator.state.metrics[name], self._trainer.state.epoch)
 

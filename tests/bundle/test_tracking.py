@@ -146,3 +146,30 @@ def test_parallel_processes_create_one_store_and_experiment(tmp_path: Path) -> N
     assert ensure_experiment(uri, "study") == results[0][0].strip()
     location = MlflowClient(uri).get_experiment_by_name("study").artifact_location
     assert location.startswith((tmp_path / "new" / "artifacts").as_uri())
+
+
+def test_an_epoch_rerun_after_a_kill_keeps_one_record(tmp_path: Path) -> None:
+    engine, per_epoch = _engine([1.0, 1.0, 2.0, 2.0], epochs=2)
+    first = _tracker(tmp_path)
+    first.attach(engine)
+
+    @engine.on(Events.EPOCH_COMPLETED)
+    def _killed_before_the_checkpoint(e: Engine) -> None:  # epoch 2 logged, its checkpoint never written
+        if e.state.epoch == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        engine.run(list(range(per_epoch)), max_epochs=3)
+
+    rerun, _ = _engine([0.0, 0.0, 9.0, 9.0, 3.0, 3.0], epochs=3)
+
+    @rerun.on(Events.STARTED)
+    def _load_epoch_1_checkpoint(e: Engine) -> None:
+        e.state.epoch, e.state.iteration = 1, per_epoch
+
+    second = _tracker(tmp_path)
+    second.attach(rerun)
+    rerun.run(list(range(per_epoch)), max_epochs=3)
+    history = MlflowClient(first.tracking_uri).get_metric_history(first.run_id, "train_loss")
+    assert second.run_id == first.run_id
+    assert [(m.step, m.value) for m in history] == [(1, 1.0), (2, 2.0), (3, 3.0)]

@@ -27,7 +27,8 @@ def test_killed_run_resumes_into_the_same_mlflow_run(tmp_path: Path) -> None:
     command = [sys.executable, "-m", "monai.bundle", "run",
                "--config_file", str(REPO / "bundles" / "provicnet_pretrain" / "configs" / "train.json"),
                "--tracking", str(REPO / "mlflow_config" / "sqlite.json"), "--study_dir", str(study),
-               "--datalist", str(datalist), "--epochs", str(EPOCHS), "--out_dim", "64"]  # fmt: skip
+               "--datalist", str(datalist), "--epochs", str(EPOCHS),
+               "--out_dim", "64", "--patch_out_dim", "256"]  # fmt: skip
     models = study / "runs" / "provicnet_pretrain" / "seed0" / "models"
 
     first = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

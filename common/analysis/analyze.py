@@ -351,19 +351,7 @@ class StudyAnalysis:
 
     def _write_tables(self, selection: Selection, result: AnalysisResult) -> dict[str, Path]:
         out = self.output_dir
-        selected = [
-            {
-                "run_id": r.run_id,
-                "run_name": r.run_name,
-                "model": r.model,
-                "task": r.task,
-                "regime": r.regime,
-                "seed": r.seed,
-                **{t: r.tags.get(t, "") for t in ("profile", "bundle", "bundle_version", "git_commit")},
-                "test_metric": r.metric("test_metric"),
-            }
-            for _, r in sorted(selection.runs.items())
-        ]
+        selected = selection.rows()
         excluded = [vars(e) for e in selection.excluded]
         return {
             "alignment": write_csv(

@@ -86,19 +86,7 @@ def write_report(
         ``(report.md, report.html)`` paths.
     """
     when = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    selected = [
-        {
-            "run_id": r.run_id,
-            "run_name": r.run_name,
-            "model": r.model,
-            "task": r.task,
-            "regime": r.regime,
-            "seed": r.seed,
-            **{t: r.tags.get(t, "") for t in ("profile", "bundle", "bundle_version", "git_commit")},
-            "test_metric": r.metric("test_metric"),
-        }
-        for _, r in sorted(selection.runs.items())
-    ]
+    selected = selection.rows()
     excluded = [vars(e) for e in selection.excluded]
     notes = [
         f"Study `{study}`, experiment `{experiment}`, tracking URI `{tracking_uri}`; generated {when}.",

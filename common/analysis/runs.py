@@ -135,6 +135,22 @@ class Selection:
     def tasks(self) -> list[str]:
         return sorted({k[1] for k in self.runs})
 
+    def rows(self) -> list[dict[str, Any]]:
+        """One row per selected run (ids, tags, test metric), in key order: the report's and CSV's run table."""
+        return [
+            {
+                "run_id": r.run_id,
+                "run_name": r.run_name,
+                "model": r.model,
+                "task": r.task,
+                "regime": r.regime,
+                "seed": r.seed,
+                **{t: r.tags.get(t, "") for t in ("profile", "bundle", "bundle_version", "git_commit")},
+                "test_metric": r.metric("test_metric"),
+            }
+            for _, r in sorted(self.runs.items())
+        ]
+
     def specialised(self, task: str) -> list[RunRecord]:
         """The specialised model runs of ``task`` (regime ``specialised``, any model tag), sorted by seed."""
         return sorted((r for k, r in self.runs.items() if k[1] == task and k[2] == "specialised"), key=lambda r: r.seed)

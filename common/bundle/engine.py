@@ -13,7 +13,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["OutputLoss", "ResumeCheckpoint", "SaveCheckpoints", "SaveOnCompleted", "resume_checkpoint"]
+__all__ = [
+    "OutputLoss",
+    "ResumeCheckpoint",
+    "SaveCheckpoints",
+    "SaveOnCompleted",
+    "resume_checkpoint",
+    "unwrap_model",
+]
 
 _CHECKPOINT = re.compile(r"checkpoint_epoch=(\d+)\.pt$")
 
@@ -82,7 +89,8 @@ class ResumeCheckpoint:
         loader.attach(engine)
 
 
-def _unwrap(module: object) -> object:
+def unwrap_model(module: object) -> object:
+    """The model inside a DDP / DataParallel wrapper; anything else unchanged."""
     return module.module if isinstance(module, nn.parallel.DistributedDataParallel | nn.DataParallel) else module
 
 
@@ -117,7 +125,7 @@ class SaveCheckpoints:
         if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank():
             return
         self.save_dir.mkdir(parents=True, exist_ok=True)
-        state = {name: _unwrap(obj).state_dict() for name, obj in self.objects.items()}
+        state = {name: unwrap_model(obj).state_dict() for name, obj in self.objects.items()}
         state["trainer"] = engine.state_dict()
         path = self.save_dir / f"checkpoint_epoch={engine.state.epoch}.pt"
         tmp = path.with_name(f".{path.name}.tmp")
@@ -144,5 +152,4 @@ class SaveOnCompleted:
 
     def __call__(self, engine) -> None:
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        model = self.model.module if hasattr(self.model, "module") else self.model  # unwrap DDP
-        self.save(model, self.path)
+        self.save(unwrap_model(self.model), self.path)

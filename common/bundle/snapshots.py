@@ -27,6 +27,7 @@ from torch import nn
 
 from common.metrics import compute_dice, compute_specificity_at_sensitivity, compute_ssim_3d
 
+from .engine import unwrap_model
 from .tracking import _retry
 
 __all__ = ["LAYERS", "TASKS", "FeatureSnapshots", "TestPredictions", "collect_ids"]
@@ -58,13 +59,6 @@ _METRIC_KWARGS: dict[str, frozenset[str]] = {
 def _is_rank0() -> bool:
     dist = torch.distributed
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
-def _unwrap(network: nn.Module) -> nn.Module:
-    """The model inside a DDP / DataParallel wrapper (unchanged otherwise)."""
-    if isinstance(network, nn.parallel.DistributedDataParallel | nn.DataParallel):
-        return network.module
-    return network
 
 
 def _plain(x: torch.Tensor) -> torch.Tensor:
@@ -185,9 +179,9 @@ class FeatureSnapshots:
         id_key: str = "id",
         output_dir: str | os.PathLike | None = None,
     ) -> None:
-        if not callable(getattr(_unwrap(network), "forward_representations", None)):
+        if not callable(getattr(unwrap_model(network), "forward_representations", None)):
             raise ValueError(
-                f"FeatureSnapshots: {type(_unwrap(network)).__name__} has no forward_representations(x) method."
+                f"FeatureSnapshots: {type(unwrap_model(network)).__name__} has no forward_representations(x) method."
             )
         epochs = [epochs] if isinstance(epochs, int) else list(epochs)
         if any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in epochs):
@@ -239,7 +233,7 @@ class FeatureSnapshots:
 
     def compute(self) -> tuple[list[str], dict[str, np.ndarray]]:
         """Run the test split: ``(ids, {layer: (N, d) float32})`` in the data loader's order, on any rank."""
-        model = _unwrap(self.network)
+        model = unwrap_model(self.network)
         device = _resolve_device(self.device, model)
         ids: list[str] = []
         chunks: dict[str, list[np.ndarray]] = {layer: [] for layer in LAYERS}
@@ -430,7 +424,7 @@ class TestPredictions:
             raise RuntimeError(
                 "TestPredictions: the tracker has no MLflow run yet; run it after the tracker's engine started."
             )
-        model = _unwrap(self.network)
+        model = unwrap_model(self.network)
         device = _resolve_device(self.device, model)
         ids: list[str] = []
         values: list[np.ndarray] = []

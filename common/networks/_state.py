@@ -1,10 +1,26 @@
-"""The one report of why a state dict does not fit a network, shared by every checkpoint loader."""
+"""What every checkpoint loader shares: the safe file read, and the report of why a state dict does not fit."""
 
 from __future__ import annotations
 
+import argparse
+import os
 from collections.abc import Iterable, Mapping
 
 import torch
+
+
+def load_weights(path_or_state: str | os.PathLike | Mapping[str, object]) -> Mapping[str, object]:
+    """A checkpoint as a mapping: an in-memory one as it is, a file by ``torch.load(..., weights_only=True)``.
+
+    The one non-tensor class allowed is ``argparse.Namespace``, which official ProFound checkpoints pickle beside the
+    weights. Errors of ``torch.load`` (missing file, unsafe pickle) propagate; callers decide how to report them.
+    """
+    if isinstance(path_or_state, Mapping):
+        return path_or_state
+    if not isinstance(path_or_state, str | os.PathLike):
+        raise ValueError(f"expected a checkpoint path or a state dict, got {type(path_or_state).__name__}")
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return torch.load(os.fspath(path_or_state), map_location="cpu", weights_only=True)
 
 
 def state_dict_problems(

@@ -17,14 +17,13 @@ Files are read with ``torch.load(..., weights_only=True)`` only; the one non-ten
 
 from __future__ import annotations
 
-import argparse
 import os
 from collections.abc import Mapping
 
 import torch
 from torch import nn
 
-from ._state import state_dict_problems
+from ._state import load_weights, state_dict_problems
 from .dinov2 import DinoVisionTransformer
 from .profound import ProFoundEncoder, adapt_profound_stem, detect_profound_format, load_profound_checkpoint
 from .provicnet import detect_provicnet_format, load_provicnet_checkpoint
@@ -35,15 +34,18 @@ CHECKPOINT_FORMATS = ("profound_dense", "profound_fcmae", "dinov2_hub", "provicn
 _WRAPPERS = ("network", "model", "state_dict", "model_state_dict")
 
 
-def read_checkpoint(path: str | os.PathLike) -> Mapping[str, object]:
-    """Read a checkpoint file safely (``weights_only=True``); a missing or unreadable file is a ``ValueError``
-    naming it."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
+def read_checkpoint(path_or_state: str | os.PathLike | Mapping[str, object]) -> Mapping[str, object]:
+    """Read a checkpoint safely (``weights_only=True``); a missing or unreadable file, or one that holds no mapping,
+    is a ``ValueError`` naming it. An in-memory mapping is returned as it is."""
+    if isinstance(path_or_state, Mapping):
+        return path_or_state
+    path = os.fspath(path_or_state) if isinstance(path_or_state, str | os.PathLike) else None
+    if path is not None and not os.path.isfile(path):
         raise ValueError(f"no checkpoint file at {path!r}")
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = load_weights(path_or_state)
+    except ValueError:
+        raise
     except Exception as err:  # pickle, zip and unsafe-global errors all mean: not a checkpoint we can trust
         raise ValueError(f"cannot read checkpoint {path!r} with weights_only=True: {err}") from err
     if not isinstance(checkpoint, Mapping):
@@ -125,9 +127,7 @@ def load_checkpoint(
     checkpoint has no head for their task. (A ProFound encoder-only file is routed to the encoder either way.)
     """
     source = os.fspath(path_or_state) if isinstance(path_or_state, str | os.PathLike) else "in-memory checkpoint"
-    raw = read_checkpoint(path_or_state) if isinstance(path_or_state, str | os.PathLike) else path_or_state
-    if not isinstance(raw, Mapping):
-        raise ValueError(f"expected a path or a state dict, got {type(path_or_state).__name__}")
+    raw = read_checkpoint(path_or_state)
     try:
         state = _unwrap(raw)
         fmt = detect_checkpoint_format(state)

@@ -23,14 +23,13 @@ with. Shapes are unaffected (all strides are isotropic); all inputs and outputs 
 
 from __future__ import annotations
 
-import argparse
 import os
 from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
 
-from ._state import state_dict_problems
+from ._state import load_weights, state_dict_problems
 from .blocks.convnext import ConvNeXtV2Block, LayerNormChannelsFirst
 from .decoders import UnetrDecoder3d, UperNetDecoder3d
 from .heads import MLPHead, SubpixelUpsample3dHead
@@ -589,18 +588,6 @@ def adapt_profound_stem(state_dict: Mapping[str, object], in_channels: int) -> d
     return out
 
 
-def _read_checkpoint(path_or_state: str | os.PathLike | Mapping[str, object]) -> Mapping[str, object]:
-    if isinstance(path_or_state, Mapping):
-        return path_or_state
-    if not isinstance(path_or_state, (str, os.PathLike)):
-        raise ValueError(f"load_profound_checkpoint: expected a path or a state dict, got {type(path_or_state)}.")
-    if not os.path.isfile(path_or_state):
-        raise ValueError(f"load_profound_checkpoint: no checkpoint file at {os.fspath(path_or_state)!r}.")
-    # Official training checkpoints also pickle the argparse Namespace of the run ("args"); allow just that class.
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        return torch.load(path_or_state, map_location="cpu", weights_only=True)
-
-
 def load_profound_checkpoint(
     model: nn.Module, path_or_state: str | os.PathLike | Mapping[str, object], strict: bool = True
 ) -> nn.Module:
@@ -615,7 +602,9 @@ def load_profound_checkpoint(
 
     Raises ``ValueError`` listing missing and unexpected keys (``strict=True``) and any shape mismatch (always).
     """
-    raw = _read_checkpoint(path_or_state)
+    if isinstance(path_or_state, str | os.PathLike) and not os.path.isfile(path_or_state):
+        raise ValueError(f"load_profound_checkpoint: no checkpoint file at {os.fspath(path_or_state)!r}.")
+    raw = load_weights(path_or_state)
     fmt = detect_profound_format(raw)
     state = convert_profound_fcmae(raw) if fmt == "fcmae" else convert_profound_dense(raw)
     encoder_only = not any(k.startswith("encoder.") for k in state)

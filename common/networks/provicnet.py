@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.networks._state import state_dict_problems
+from common.networks._state import load_weights, state_dict_problems
 from common.networks.dinov2 import DinoVisionTransformer, interpolate_pos_embed, provicnet_backbone
 from common.networks.heads import MLPHead, SubpixelUpsample3dHead
 
@@ -729,12 +729,7 @@ def load_provicnet_checkpoint(
     shape mismatches always raise. Returns ``{"loaded": [...], "kept": [...], "ignored": [...]}``: model keys loaded,
     model keys left at their current values, checkpoint keys not used.
     """
-    if isinstance(path_or_state, str | os.PathLike):
-        state = torch.load(path_or_state, map_location="cpu", weights_only=True)
-    elif isinstance(path_or_state, Mapping):
-        state = path_or_state
-    else:
-        raise ValueError(f"path_or_state must be a path or a state dict, got {type(path_or_state).__name__}.")
+    state = load_weights(path_or_state)
     is_backbone = isinstance(model, DinoVisionTransformer)
     backbone = model if is_backbone else getattr(model, "backbone", None)
     if not isinstance(backbone, DinoVisionTransformer):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from common.bundle.engine import unwrap_model
 from common.networks.provicnet import neighbour_slice_indices
 
 from .dino import ProViCNetPretrainer, cosine_momentum
@@ -112,5 +113,5 @@ class TeacherEMAHandler:
 
     def __call__(self, engine) -> None:
         total = max(1, engine.state.max_epochs * engine.state.epoch_length)
-        model = self.model.module if hasattr(self.model, "module") else self.model
-        model.update_teacher(cosine_momentum(min(engine.state.iteration, total), total, base=self.base_momentum))
+        momentum = cosine_momentum(min(engine.state.iteration, total), total, base=self.base_momentum)
+        unwrap_model(self.model).update_teacher(momentum)

@@ -27,6 +27,10 @@ class Profile:
         provicnet_size: ProViCNet backbone size (``DINOV2_SIZES``; the paper's is ``small``).
         slice_size: side ProViCNet resizes each slice to (a multiple of its 14-pixel patch).
         num_workers: data-loading worker processes.
+        train_steps_per_epoch: iterations per downstream training epoch, or None for one pass over the training split;
+            the smoke profile caps it so that a bundle runs in about a minute on two CPU cores.
+        decoder_channels: width of ProFound's UperNet decoder (official: 512; the smoke profile's is narrow so that a
+            bundle runs in about a minute on two CPU cores).
         lesion_patch_fraction: share of lesion pixels that makes a ProViCNet patch a "lesion" patch in the
             lesion-guided contrast (official: 62/64 at 448-pixel slices, where a 14-pixel patch is ~6 mm; at smaller
             slices a patch spans more tissue and a lesion covers less of it).
@@ -44,10 +48,12 @@ class Profile:
     pretrain_epochs: int = 3
     batch_size: int = 2
     profound_size: str = "atto"
-    provicnet_size: str = "small"
+    provicnet_size: str = "tiny"
     slice_size: int = 56
     num_workers: int = 0
     lesion_patch_fraction: float = 0.02
+    decoder_channels: int = 32
+    train_steps_per_epoch: int | None = 4
 
     @property
     def padded_size(self) -> tuple[int, int, int]:
@@ -62,19 +68,19 @@ class Profile:
 # 200 -> 224 in-plane, which is also a multiple of ProViCNet's 14-pixel patch, and 96 slices stay 96.
 PROFILES: dict[str, Profile] = {
     "smoke": Profile(
-        "smoke", spatial_size=(64, 64, 32), divisible_by=(32, 32, 16), cohort_cases=24, cohort_size=(24, 96, 96),
-        epochs=2, pretrain_epochs=3, batch_size=2, profound_size="atto", provicnet_size="small", slice_size=56,
+        "smoke", spatial_size=(64, 64, 32), divisible_by=(32, 32, 16), cohort_cases=40, cohort_size=(24, 96, 96),
+        epochs=2, pretrain_epochs=3, batch_size=2, profound_size="atto", provicnet_size="tiny", slice_size=56,
         num_workers=0, lesion_patch_fraction=0.02,
     ),
     "gpu": Profile(
         "gpu", spatial_size=(128, 128, 64), divisible_by=(32, 32, 16), cohort_cases=160, cohort_size=(32, 160, 160),
         epochs=20, pretrain_epochs=50, batch_size=2, profound_size="tiny", provicnet_size="small", slice_size=224,
-        num_workers=4, lesion_patch_fraction=0.25,
+        num_workers=4, lesion_patch_fraction=0.25, decoder_channels=512, train_steps_per_epoch=None,
     ),
     "paper": Profile(
         "paper", spatial_size=(200, 200, 96), divisible_by=(32, 32, 16), cohort_cases=740, cohort_size=(32, 256, 256),
         epochs=100, pretrain_epochs=300, batch_size=2, profound_size="tiny", provicnet_size="small", slice_size=448,
-        num_workers=8, lesion_patch_fraction=62 / 64,
+        num_workers=8, lesion_patch_fraction=62 / 64, decoder_channels=512, train_steps_per_epoch=None,
     ),
 }  # fmt: skip
 

@@ -38,6 +38,7 @@ __all__ = [
 # Architecture of each DINOv2 size (dinov2/models/vision_transformer.py: vit_small, vit_base, vit_large, vit_giant2;
 # the giant hub model uses the fused SwiGLU feed-forward).
 DINOV2_SIZES: dict[str, dict[str, int | str]] = {
+    "tiny": {"embed_dim": 192, "depth": 12, "num_heads": 3, "ffn_layer": "mlp"},
     "small": {"embed_dim": 384, "depth": 12, "num_heads": 6, "ffn_layer": "mlp"},
     "base": {"embed_dim": 768, "depth": 12, "num_heads": 12, "ffn_layer": "mlp"},
     "large": {"embed_dim": 1024, "depth": 24, "num_heads": 16, "ffn_layer": "mlp"},

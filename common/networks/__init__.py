@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from .blocks import GRN, ConvNeXtV2Block, LayerNormChannelsFirst
 from .checkpoint import CHECKPOINT_FORMATS, detect_checkpoint_format, load_checkpoint, read_checkpoint
+from .conditioning import FINAL_LAYERS, TimestepConditioned, final_layer_name
 from .decoders import UnetrDecoder3d, UperNetDecoder3d
 from .dinov2 import (
     DINOV2_SIZES,
@@ -66,6 +67,7 @@ from .transunet import TransUNet3d
 __all__ = [
     "CHECKPOINT_FORMATS",
     "DINOV2_SIZES",
+    "FINAL_LAYERS",
     "GRN",
     "PROFOUND_SIZES",
     "SPECIALISED_MODELS",
@@ -89,6 +91,7 @@ __all__ = [
     "ProViCNetDense",
     "ProViCNetSuperRes",
     "SubpixelUpsample3dHead",
+    "TimestepConditioned",
     "UnetrDecoder3d",
     "UperNetDecoder3d",
     "adapt_profound_stem",
@@ -101,6 +104,7 @@ __all__ = [
     "dinov2_vitg14_reg",
     "dinov2_vitl14_reg",
     "dinov2_vits14_reg",
+    "final_layer_name",
     "freeze_profound_finetune",
     "freeze_provicnet_finetune",
     "interpolate_pos_embed",

@@ -4,11 +4,51 @@ snapshots and test predictions the analysis reads (``snapshots``), and engine gl
 from __future__ import annotations
 
 from .data import COHORT_SEED, load_split, resolve_datalist
-from .engine import OutputLoss, ResumeCheckpoint, SaveCheckpoints, SaveOnCompleted, resume_checkpoint
+from .diffusion import DiffusionLoss, DiffusionSampler, NoisePrepareBatch
+from .downstream import (
+    INITS,
+    class_weights,
+    init_network,
+    load_task_split,
+    regime_of,
+    save_state_dict,
+    snapshot_key,
+    test_postprocess,
+    test_transforms,
+    trainable_summary,
+    validation_metric,
+)
+from .engine import (
+    OutputLoss,
+    ResumeCheckpoint,
+    SaveCheckpoints,
+    SaveOnCompleted,
+    plain_prepare_batch,
+    resume_checkpoint,
+)
+from .outputs import init_distributed, load_trained, report_evaluation, write_predictions
 from .snapshots import FeatureSnapshots, TestPredictions
 from .tracking import StudyTracker, ensure_experiment, git_commit, sqlite_uri, unique_run_name
 
 __all__ = [
+    "DiffusionLoss",
+    "DiffusionSampler",
+    "NoisePrepareBatch",
+    "init_distributed",
+    "load_trained",
+    "report_evaluation",
+    "write_predictions",
+    "INITS",
+    "class_weights",
+    "init_network",
+    "load_task_split",
+    "regime_of",
+    "save_state_dict",
+    "snapshot_key",
+    "test_postprocess",
+    "test_transforms",
+    "trainable_summary",
+    "validation_metric",
     "COHORT_SEED",
     "FeatureSnapshots",
     "OutputLoss",
@@ -18,6 +58,7 @@ __all__ = [
     "StudyTracker",
     "TestPredictions",
     "ensure_experiment",
+    "plain_prepare_batch",
     "git_commit",
     "load_split",
     "resolve_datalist",

@@ -82,6 +82,18 @@ class ResumeCheckpoint:
             return
         from monai.handlers import CheckpointLoader
 
+        from common.networks._state import load_weights, state_dict_problems
+
+        saved = load_weights(self.checkpoint)
+        for name, obj in self.objects.items():
+            if isinstance(obj, nn.Module) and name in saved:
+                problems = state_dict_problems(unwrap_model(obj).state_dict(), saved[name], strict=True)
+                if problems:
+                    raise ValueError(
+                        f"cannot resume from {self.checkpoint}: its {name!r} is not this network (the config changed "
+                        f"since it was written). Delete {Path(self.checkpoint).parent} to train anew, or pass another "
+                        "--output_dir. Mismatches:\n  " + "\n  ".join(problems[:10])
+                    )
         logging.getLogger(__name__).info(f"resuming from {self.checkpoint}")
         loader = CheckpointLoader(
             load_path=self.checkpoint, load_dict={**self.objects, "trainer": engine}, map_location=self.map_location
@@ -151,5 +163,18 @@ class SaveOnCompleted:
         engine.add_event_handler(Events.COMPLETED, self)
 
     def __call__(self, engine) -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank():
+            return  # rank 0 writes
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self.save(unwrap_model(self.model), self.path)
+
+
+def plain_prepare_batch(batchdata, device=None, non_blocking: bool = False, **kwargs):
+    """MONAI's ``default_prepare_batch`` with the image and label as plain tensors: the networks do not need the
+    MetaTensor metadata, and MetaTensor indexing of a batch with per-case metadata (e.g. the 2.5D slice stacks of
+    ProViCNet) fails in MONAI. Returns ``(image, label)``."""
+    from monai.engines import default_prepare_batch
+
+    image, label = default_prepare_batch(batchdata, device, non_blocking, **kwargs)
+    plain = [x.as_tensor() if hasattr(x, "as_tensor") else x for x in (image, label)]
+    return plain[0], plain[1]

@@ -108,7 +108,9 @@ def test_exported_encoders_load_into_the_downstream_networks(pretrained: dict) -
     assert torch.equal(model.encoder.stages[3][0].dwconv.weight, saved["stages.3.0.dwconv.weight"])
 
     provicnet_file = pretrained["outputs"]["provicnet_pretrain"] / "models" / "model.pt"
-    dense = load_checkpoint(ProViCNetDense(out_channels=2, slice_size=56), provicnet_file, encoder_only=True)
+    dense = load_checkpoint(
+        ProViCNetDense(out_channels=2, slice_size=56, backbone_size="tiny"), provicnet_file, encoder_only=True
+    )
     saved = torch.load(provicnet_file, weights_only=True)
     assert torch.equal(dense.backbone.blocks[11].mlp.fc2.weight, saved["backbone.blocks.11.mlp.fc2.weight"])
     assert torch.equal(dense.axis_pos.weight, saved["axis_pos.weight"])

@@ -1,0 +1,244 @@
+"""What the downstream bundles share beyond the JSON workflow (``common/configs/downstream.json``): how a network is
+initialised for its regime, the task's split, class weights, and the task's validation metric and post-processing.
+
+The protocols are DESIGN.md section 3 (paper section 2.2):
+
+- ``init="pretrained"`` (the finetune bundles): the FM's pretrained encoder is loaded (``encoder_only``; the task head
+  stays as initialised) and the FM's freezing protocol is applied; tag ``regime=finetune``.
+- ``init="random"`` (the finetune bundle with one override, ``--init random``): the same network and freezing
+  protocol on a randomly initialised encoder, the paper's random-weight reference; tag ``regime=random``.
+- ``init="scratch"`` (the scratch bundles and the specialised models): random initialisation, every parameter
+  trained; tag ``regime=scratch`` (or ``specialised``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from common.data.splits import split_ids
+from common.metrics.handlers import BinaryDiceHandler, SpecificityAtSensitivityHandler, SSIM3DHandler
+from common.networks import load_checkpoint
+from common.transforms import task_transforms
+from common.transforms.label import NUM_CLASSES, PiradsToClass
+
+from .data import load_split
+
+__all__ = [
+    "INITS",
+    "class_weights",
+    "init_network",
+    "load_task_split",
+    "regime_of",
+    "save_state_dict",
+    "snapshot_key",
+    "test_postprocess",
+    "test_transforms",
+    "trainable_summary",
+    "validation_metric",
+]
+
+logger = logging.getLogger(__name__)
+
+#: init -> the MLflow ``regime`` tag of a finetune-protocol bundle run with it
+INITS: dict[str, str] = {"pretrained": "finetune", "random": "random", "scratch": "scratch"}
+
+
+def regime_of(init: str) -> str:
+    """The ``regime`` tag of a run started with ``init`` (``pretrained`` -> ``finetune``)."""
+    if init not in INITS:
+        raise ValueError(f"init must be one of {sorted(INITS)}, got {init!r}")
+    return INITS[init]
+
+
+def _inner(model: nn.Module) -> nn.Module:
+    """The study network inside a wrapper that adds an input (the DDPM timestep wrapper keeps it as ``network``)."""
+    inner = getattr(model, "network", None)
+    return inner if isinstance(inner, nn.Module) else model
+
+
+def trainable_summary(model: nn.Module) -> str:
+    """``"<trainable> / <total> parameters trainable (<pct> %)"``."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return f"{trainable:,} / {total:,} parameters trainable ({100.0 * trainable / max(total, 1):.1f} %)"
+
+
+def init_network(
+    model: nn.Module,
+    init: str,
+    checkpoint: str | os.PathLike | None = None,
+    freeze: Callable[[nn.Module], object] | None = None,
+    device: str | torch.device | None = None,
+) -> nn.Module:
+    """Initialise ``model`` for its regime (module docstring) and move it to ``device``.
+
+    Args:
+        model: the bundle's network; a wrapper with a ``network`` attribute (the DDPM timestep wrapper) has the
+            checkpoint and the freezing applied to that inner network.
+        init: ``"pretrained"``, ``"random"`` or ``"scratch"``.
+        checkpoint: the pretrained weights for ``"pretrained"``: this project's pretraining output, or an official
+            ProFound / ProViCNet / DINOv2 file (format detected, read with ``weights_only=True``). Ignored otherwise.
+        freeze: the FM's freezing protocol, applied for ``"pretrained"`` and ``"random"``; None trains everything.
+        device: where the network goes. Default: stays where it is.
+    """
+    regime_of(init)
+    inner = _inner(model)
+    if init == "pretrained":
+        if checkpoint is None or not Path(checkpoint).is_file():
+            raise FileNotFoundError(
+                f"init='pretrained' needs the pretrained weights, but pretrained_ckpt={os.fspath(checkpoint)!r} "
+                "does not exist. Run the FM's pretraining bundle first (bundles/<fm>_pretrain, same --study_dir and "
+                "--seed), pass official weights with --pretrained_ckpt PATH, or use --init random for the "
+                "random-weight reference."
+            )
+        load_checkpoint(inner, checkpoint, strict=True, encoder_only=True)
+        logger.info(f"loaded the pretrained encoder from {os.fspath(checkpoint)}")
+    if init in ("pretrained", "random") and freeze is not None:
+        freeze(inner)
+    logger.info(f"init={init}: {trainable_summary(model)}")
+    return model if device is None else model.to(device)
+
+
+def load_task_split(
+    datalist: str | os.PathLike,
+    split: str,
+    keys: Sequence[str],
+    proportions: Sequence[float] | None = None,
+    seed: int = 0,
+) -> list[dict]:
+    """The entries of ``split`` for a task.
+
+    With ``proportions`` None the datalist's own split is used. Otherwise every case of the datalist (all splits
+    pooled, sorted by id) is divided again in ``proportions`` (training, validation, test) with ``split_ids`` and
+    ``seed``: the distortion-correction task of the paper uses another cohort with the few-shot split 330/82/177,
+    which the bundles reproduce on the study cohort this way. The split is the same in every run (the seed is the
+    cohort's, not the run's).
+    """
+    names = ("training", "validation", "test")
+    if split not in names:
+        raise ValueError(f"split must be one of {names}, got {split!r}")
+    if proportions is None:
+        return load_split(datalist, split, keys)
+    entries = {e["id"]: e for name in names for e in _entries_or_empty(datalist, name, keys)}
+    if not entries:
+        raise ValueError(f"datalist {os.fspath(datalist)!r} has no cases")
+    parts = split_ids(sorted(entries), proportions, seed=seed)
+    chosen = parts[names.index(split)]
+    if not chosen:
+        raise ValueError(
+            f"the {split} split of {len(entries)} cases in proportions {tuple(proportions)} is empty; the cohort "
+            f"{os.fspath(datalist)!r} is too small"
+        )
+    return [entries[i] for i in chosen]
+
+
+def _entries_or_empty(datalist: str | os.PathLike, split: str, keys: Sequence[str]) -> list[dict]:
+    try:
+        return load_split(datalist, split, keys)
+    except ValueError as err:
+        if "has no split" in str(err):
+            return []
+        raise
+
+
+def class_weights(data: Sequence[Mapping[str, object]], num_classes: int = NUM_CLASSES) -> torch.Tensor:
+    """Inverse-frequency weights ``(K,)`` of the PI-RADS classes in ``data`` (datalist entries with ``"pirads"``),
+    normalised to mean 1 over the classes present; an absent class gets weight 0 (it cannot be a target). The
+    class-weighted cross-entropy of paper section 3.1."""
+    to_class = PiradsToClass()
+    counts = Counter(to_class(entry["pirads"]) for entry in data)
+    if not counts:
+        raise ValueError("class_weights: no training entries")
+    weights = torch.zeros(num_classes)
+    for k, n in counts.items():
+        weights[k] = 1.0 / n
+    present = weights > 0
+    weights[present] *= present.sum() / weights[present].sum()
+    return weights
+
+
+def _pred_label(output: Sequence[Mapping[str, torch.Tensor]] | Mapping[str, torch.Tensor]) -> tuple:
+    """``engine.state.output`` of a non-decollated evaluator -> ``(pred, label)`` batch tensors."""
+    if isinstance(output, Mapping):
+        return output["pred"], output["label"]
+    return torch.stack([o["pred"] for o in output]), torch.stack([o["label"] for o in output])
+
+
+def _argmax_mask(pred: torch.Tensor) -> torch.Tensor:
+    """``(B, K, ...)`` logits -> ``(B, 1, ...)`` float class map (K = 2: the lesion mask)."""
+    return pred.argmax(dim=1, keepdim=True).to(torch.float32)
+
+
+def test_postprocess(task: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """What :class:`~common.bundle.TestPredictions` applies to a prediction batch before the metric: the argmax
+    mask for segmentation (two-class logits), nothing otherwise (it clamps intensities to [0, 1] itself)."""
+    return _argmax_mask if task == "segmentation" else None
+
+
+test_postprocess.__test__ = False  # a factory, not a pytest test
+
+
+def validation_metric(task: str, **kwargs: object):
+    """The Ignite handler of ``task``'s metric for the validation evaluator (``decollate=False``), with the output
+    transform that post-processes a batch: specificity at sensitivity 0.9 of the PI-RADS >= 3 cut (classification),
+    Dice of the argmax mask (segmentation), 3D SSIM of the output clamped to [0, 1] (the image tasks)."""
+    if task == "classification":
+        return SpecificityAtSensitivityHandler(output_transform=_pred_label, **kwargs)
+    if task == "segmentation":
+
+        def seg(output):
+            pred, label = _pred_label(output)
+            return _argmax_mask(pred), label
+
+        return BinaryDiceHandler(output_transform=seg, save_details=False, **kwargs)
+    if task in ("super_resolution", "distortion_correction", "modality_translation"):
+
+        def image(output):
+            pred, label = _pred_label(output)
+            return pred.float().clamp(0.0, 1.0), label.float()
+
+        return SSIM3DHandler(output_transform=image, save_details=False, **kwargs)
+    raise ValueError(f"unknown task {task!r}")
+
+
+#: where the modality-translation pipeline puts ``cat([DWI, T2W])`` for the feature snapshots
+SNAPSHOT_INPUT = "snapshot_input"
+
+
+def snapshot_key(task: str) -> str:
+    """The batch entry the feature snapshots feed to ``forward_representations``: the image, except for modality
+    translation, whose DDPM networks see ``cat([DWI, T2W])`` (the clean target at timestep 0, the convention of
+    :class:`~common.networks.ConditionalDiffusionUNet`), so that the FM and the specialised DDPM are compared on the
+    same input."""
+    return SNAPSHOT_INPUT if task == "modality_translation" else "image"
+
+
+def test_transforms(task: str, profile: str, seed: int):
+    """The test-split pipeline: ``task_transforms(train=False)`` (degradations drawn per case from ``seed`` and the
+    case id, identical in every run), plus the snapshot input of :func:`snapshot_key` for modality translation."""
+    from monai.transforms import Compose, ConcatItemsd
+
+    pipeline = task_transforms(task, profile, seed=seed, train=False)
+    if task != "modality_translation":
+        return pipeline
+    return Compose([pipeline, ConcatItemsd(keys=["label", "image"], name=SNAPSHOT_INPUT, dim=0)])
+
+
+test_transforms.__test__ = False  # a factory, not a pytest test
+
+
+def save_state_dict(model: nn.Module, path: str | os.PathLike) -> None:
+    """Write ``model.state_dict()`` to ``path`` atomically (a temporary file renamed into place): the bundle's
+    ``models/model.pt``, loadable into ``network_def`` by ``evaluate.json``, ``inference.json`` and ``ckpt_export``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(model.state_dict(), tmp)
+    os.replace(tmp, path)

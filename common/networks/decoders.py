@@ -43,12 +43,13 @@ def _check_stage_channels(channels: Sequence[int], name: str) -> tuple[int, ...]
     return values
 
 
-def _check_features(features: Sequence[torch.Tensor], channels: Sequence[int], name: str) -> None:
+def _check_features(features: list[torch.Tensor], channels: list[int], name: str) -> None:
     if len(features) != len(channels):
         raise ValueError(f"{name}: expected {len(channels)} stage maps, got {len(features)}.")
-    for i, (f, c) in enumerate(zip(features, channels, strict=True)):
+    for i in range(len(channels)):
+        f, c = features[i], channels[i]
         if f.ndim != 5 or f.shape[1] != c:
-            raise ValueError(f"{name}: stage {i} must be (B, {c}, X, Y, Z), got {tuple(f.shape)}.")
+            raise ValueError(f"{name}: stage {i} must be (B, {c}, X, Y, Z), got {list(f.shape)}.")
 
 
 class UperNetConvModule(nn.Module):
@@ -112,24 +113,30 @@ class UperNetHead(nn.Module):
 
     def _psp(self, x: torch.Tensor) -> torch.Tensor:
         size = x.shape[2:]
-        pooled = [F.interpolate(m(x), size=size, mode="trilinear", align_corners=False) for m in self.psp_modules]
-        return self.bottleneck(torch.cat([x, *pooled], dim=1))
+        maps = [x]
+        for m in self.psp_modules:  # explicit loops over module lists throughout: TorchScript unrolls them
+            maps.append(F.interpolate(m(x), size=size, mode="trilinear", align_corners=False))
+        return self.bottleneck(torch.cat(maps, dim=1))
 
-    def forward_features(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+    def forward_features(self, features: list[torch.Tensor]) -> torch.Tensor:
         """Four stage maps -> fused map ``(B, hidden_size, X1, Y1, Z1)``, the input of ``classifier``."""
-        laterals = [conv(features[i]) for i, conv in enumerate(self.lateral_convs)]
+        laterals: list[torch.Tensor] = []
+        for i, conv in enumerate(self.lateral_convs):
+            laterals.append(conv(features[i]))
         laterals.append(self._psp(features[-1]))
         for i in range(len(laterals) - 1, 0, -1):  # top-down path
             laterals[i - 1] = laterals[i - 1] + F.interpolate(
                 laterals[i], size=laterals[i - 1].shape[2:], mode="trilinear", align_corners=False
             )
-        outs = [conv(laterals[i]) for i, conv in enumerate(self.fpn_convs)]
+        outs: list[torch.Tensor] = []
+        for i, conv in enumerate(self.fpn_convs):
+            outs.append(conv(laterals[i]))
         outs.append(laterals[-1])
         size = outs[0].shape[2:]
         outs = [outs[0]] + [F.interpolate(o, size=size, mode="trilinear", align_corners=False) for o in outs[1:]]
         return self.fpn_bottleneck(torch.cat(outs, dim=1))
 
-    def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
         """Four stage maps -> ``(B, out_channels, X1, Y1, Z1)``."""
         return self.classifier(self.forward_features(features))
 
@@ -146,7 +153,7 @@ class UperNetFCNHead(nn.Module):
         self.convs = nn.Sequential(UperNetConvModule(in_channels, hidden_size, kernel_size=3, padding=1))
         self.classifier = nn.Conv3d(hidden_size, out_channels, kernel_size=1)
 
-    def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
         """Four stage maps -> ``(B, out_channels, X, Y, Z)`` at the resolution of stage ``in_index``."""
         return self.classifier(self.convs(features[self.in_index]))
 
@@ -206,11 +213,14 @@ class UperNetDecoder3d(nn.Module):
             else None
         )
 
-    def _normed(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        _check_features(features, self.in_channels, "UperNetDecoder3d")
-        return [norm(f) for norm, f in zip(self.hidden_norm, features, strict=True)]
+    def _normed(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        _check_features(features, list(self.in_channels), "UperNetDecoder3d")
+        normed: list[torch.Tensor] = []
+        for i, norm in enumerate(self.hidden_norm):
+            normed.append(norm(features[i]))
+        return normed
 
-    def forward_features(self, x: torch.Tensor, features: Sequence[torch.Tensor]) -> torch.Tensor:
+    def forward_features(self, x: torch.Tensor, features: list[torch.Tensor]) -> torch.Tensor:
         """Map that feeds the final 1x1x1 conv: ``(B, hidden_size, X / s_1, Y / s_1, Z / s_1)``. ``x`` is unused."""
         return self.decode_head.forward_features(self._normed(features))
 
@@ -219,11 +229,11 @@ class UperNetDecoder3d(nn.Module):
         logits = self.decode_head.classifier(feature_map)
         return F.interpolate(logits, size=x.shape[2:], mode="trilinear", align_corners=False)
 
-    def forward(self, x: torch.Tensor, features: Sequence[torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, features: list[torch.Tensor]) -> torch.Tensor:
         """``x`` ``(B, C_in, X, Y, Z)`` and four stage maps -> ``(B, out_channels, X, Y, Z)``."""
         return self.forward_head(x, self.forward_features(x, features))
 
-    def forward_auxiliary(self, x: torch.Tensor, features: Sequence[torch.Tensor]) -> torch.Tensor:
+    def forward_auxiliary(self, x: torch.Tensor, features: list[torch.Tensor]) -> torch.Tensor:
         """Auxiliary FCN logits resized to ``x``'s size: ``-> (B, out_channels, X, Y, Z)``."""
         if self.auxiliary_head is None:
             raise ValueError("UperNetDecoder3d: built with use_auxiliary_head=False; there is no auxiliary output.")
@@ -308,11 +318,11 @@ class UnetrDecoder3d(nn.Module):
         self.decoder2 = up(2 * f, f)
         self.out = UnetOutBlock(3, f, out_channels)
 
-    def forward_features(self, x: torch.Tensor, features: Sequence[torch.Tensor]) -> torch.Tensor:
+    def forward_features(self, x: torch.Tensor, features: list[torch.Tensor]) -> torch.Tensor:
         """Map that feeds the final 1x1x1 conv: ``(B, feature_size, X, Y, Z)``."""
-        _check_features(features, self.stage_channels, "UnetrDecoder3d")
+        _check_features(features, list(self.stage_channels), "UnetrDecoder3d")
         if x.ndim != 5 or x.shape[1] != self.in_channels:
-            raise ValueError(f"UnetrDecoder3d: x must be (B, {self.in_channels}, X, Y, Z), got {tuple(x.shape)}.")
+            raise ValueError(f"UnetrDecoder3d: x must be (B, {self.in_channels}, X, Y, Z), got {list(x.shape)}.")
         x1, x2, x3, x4 = features
         enc1 = self.encoder1(x)
         enc2 = self.encoder2(self.norm1(x1))
@@ -327,6 +337,6 @@ class UnetrDecoder3d(nn.Module):
         """Final 1x1x1 conv: ``(B, feature_size, X, Y, Z) -> (B, out_channels, X, Y, Z)``. ``x`` is unused."""
         return self.out(feature_map)
 
-    def forward(self, x: torch.Tensor, features: Sequence[torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, features: list[torch.Tensor]) -> torch.Tensor:
         """``x`` ``(B, C_in, X, Y, Z)`` and four stage maps -> ``(B, out_channels, X, Y, Z)``."""
         return self.forward_head(x, self.forward_features(x, features))

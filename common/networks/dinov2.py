@@ -79,20 +79,37 @@ def interpolate_pos_embed(
     if pos_embed.ndim != 3 or pos_embed.shape[0] != 1:
         raise ValueError(f"pos_embed must have shape (1, N, E), got {tuple(pos_embed.shape)}.")
     h, w = (_check_int(int(v), "grid size") for v in grid_hw)
+    return _interpolate_pos_embed(pos_embed, h, w, num_prefix_tokens, antialias, offset)
+
+
+def _isqrt(n: int) -> int:
+    """``math.isqrt`` for ``n >= 0`` in a form TorchScript compiles."""
+    r = int(math.sqrt(n))
+    while r * r > n:
+        r -= 1
+    while (r + 1) * (r + 1) <= n:
+        r += 1
+    return r
+
+
+def _interpolate_pos_embed(
+    pos_embed: torch.Tensor, h: int, w: int, num_prefix_tokens: int, antialias: bool, offset: float
+) -> torch.Tensor:
+    """:func:`interpolate_pos_embed` after its argument checks; TorchScript-compatible (the backbone calls it)."""
     n_grid = pos_embed.shape[1] - num_prefix_tokens
-    m = math.isqrt(n_grid)
+    m = _isqrt(n_grid)
     if m * m != n_grid:
         raise ValueError(f"pos_embed holds {n_grid} grid positions, which is not a square grid.")
     dim = pos_embed.shape[-1]
     prefix = pos_embed[:, :num_prefix_tokens].float()
     grid = pos_embed[:, num_prefix_tokens:].float().reshape(1, m, m, dim).permute(0, 3, 1, 2)  # (1, E, M, M)
-    if offset:
-        size_kwargs = {"scale_factor": ((h + offset) / m, (w + offset) / m)}
+    if offset != 0.0:
+        scale = [(h + offset) / m, (w + offset) / m]
+        grid = F.interpolate(grid, scale_factor=scale, mode="bicubic", antialias=antialias)
     else:
-        size_kwargs = {"size": (h, w)}
-    grid = F.interpolate(grid, mode="bicubic", antialias=antialias, **size_kwargs)
-    if tuple(grid.shape[-2:]) != (h, w):
-        raise ValueError(f"interpolation gave a {tuple(grid.shape[-2:])} grid, expected {(h, w)}.")
+        grid = F.interpolate(grid, size=[h, w], mode="bicubic", antialias=antialias)
+    if grid.shape[-2] != h or grid.shape[-1] != w:
+        raise ValueError(f"interpolation gave a {list(grid.shape[-2:])} grid, expected {[h, w]}.")
     grid = grid.permute(0, 2, 3, 1).reshape(1, h * w, dim)  # (1, E, h, w) -> (1, h*w, E)
     return torch.cat((prefix, grid), dim=1).to(pos_embed.dtype)
 
@@ -113,9 +130,9 @@ class PatchEmbed(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C, H, W) -> (B, N, E)``; H and W must be multiples of the patch size."""
         if x.ndim != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(f"expected input (B, {self.in_chans}, H, W), got {tuple(x.shape)}.")
+            raise ValueError(f"expected input (B, {self.in_chans}, H, W), got {list(x.shape)}.")
         if x.shape[2] % self.patch_size or x.shape[3] % self.patch_size:
-            raise ValueError(f"H and W must be multiples of {self.patch_size}, got {tuple(x.shape[2:])}.")
+            raise ValueError(f"H and W must be multiples of {self.patch_size}, got {list(x.shape[2:])}.")
         return self.proj(x).flatten(2).transpose(1, 2)  # (B, E, h, w) -> (B, h*w, E)
 
 
@@ -199,7 +216,7 @@ class DropPath(nn.Module):
         """``(B, ...) -> (B, ...)``."""
         if not self.training or self.p == 0.0:
             return x
-        keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1.0 - self.p)
+        keep = x.new_empty([x.shape[0]] + [1] * (x.ndim - 1)).bernoulli_(1.0 - self.p)
         return x * keep / (1.0 - self.p)
 
 
@@ -338,12 +355,12 @@ class DinoVisionTransformer(nn.Module):
         Returned unchanged when the patch grid is the native square grid (dinov2's shortcut), else resampled with
         :func:`interpolate_pos_embed`.
         """
-        grid = (h // self.patch_size, w // self.patch_size)
-        native = math.isqrt(self.pos_embed.shape[1] - 1)
-        if x.shape[1] - 1 == native * native and grid[0] == grid[1]:
+        gh, gw = h // self.patch_size, w // self.patch_size
+        native = _isqrt(self.pos_embed.shape[1] - 1)
+        if x.shape[1] - 1 == native * native and gh == gw:
             return self.pos_embed
-        return interpolate_pos_embed(
-            self.pos_embed, grid, 1, antialias=self.interpolate_antialias, offset=self.interpolate_offset
+        return _interpolate_pos_embed(
+            self.pos_embed, gh, gw, 1, self.interpolate_antialias, self.interpolate_offset
         ).to(x.dtype)
 
     def prepare_tokens_with_masks(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
@@ -353,7 +370,7 @@ class DinoVisionTransformer(nn.Module):
         x = self.patch_embed(x)
         if masks is not None:
             if masks.shape != x.shape[:2] or masks.dtype != torch.bool:
-                raise ValueError(f"masks must be a bool tensor of shape {tuple(x.shape[:2])}, got {masks.shape}.")
+                raise ValueError(f"masks must be a bool tensor of shape {list(x.shape[:2])}, got {list(masks.shape)}.")
             x = torch.where(masks.unsqueeze(-1), self.mask_token.to(x.dtype).unsqueeze(0), x)
         x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
         x = x + self.interpolate_pos_encoding(x, h, w)

@@ -81,17 +81,19 @@ class MLPHead(nn.Sequential):
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.feature_channels = width
+        self.num_feature_layers = len(layers) - 1
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Input of the final prediction layer: ``(B, d) -> (B, h_last)``."""
-        for layer in list(self)[:-1]:
-            x = layer(x)
+        for i, layer in enumerate(self):  # not self[:-1]: TorchScript cannot call a slice of a Sequential
+            if i < self.num_feature_layers:
+                x = layer(x)
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, d) -> (B, K)``."""
         if x.ndim != 2 or x.shape[1] != self.in_channels:
-            raise ValueError(f"MLPHead: expected input (B, {self.in_channels}), got {tuple(x.shape)}.")
+            raise ValueError(f"MLPHead: expected input (B, {self.in_channels}), got {list(x.shape)}.")
         return self[-1](self.forward_features(x))
 
 
@@ -111,7 +113,7 @@ def pixel_shuffle_3d(x: torch.Tensor, scale: Sequence[int]) -> torch.Tensor:
     """
     s0, s1, s2 = _check_scale(scale, "pixel_shuffle_3d")
     if x.ndim != 5:
-        raise ValueError(f"pixel_shuffle_3d: expected (B, C, X, Y, Z), got shape {tuple(x.shape)}.")
+        raise ValueError(f"pixel_shuffle_3d: expected (B, C, X, Y, Z), got shape {list(x.shape)}.")
     if x.shape[1] % (s0 * s1 * s2) != 0:
         raise ValueError(f"pixel_shuffle_3d: channels {x.shape[1]} are not divisible by prod(scale) = {s0 * s1 * s2}.")
     return _shuffle(x, s0, s1, s2)

@@ -19,6 +19,9 @@ Axis order. The official datasets transpose each NIfTI array ``(i, j, k)`` with 
 ``(i, j, k)``. With ``official_axis_order=True`` (default) every network in this module reverses the three spatial
 axes on entry and back on exit, so official weights (encoder and decoders) act on the orientation they were trained
 with. Shapes are unaffected (all strides are isotropic); all inputs and outputs are ``(B, C, H, W, D)``.
+
+The downstream networks compile with ``torch.jit.script`` (MONAI's ``ckpt_export``): ``forward`` only;
+``forward_representations``, ``forward_auxiliary`` and the checkpoint functions stay eager.
 """
 
 from __future__ import annotations
@@ -72,7 +75,7 @@ def _reverse_spatial(x: torch.Tensor) -> torch.Tensor:
 
 
 def _spatial_mean(x: torch.Tensor) -> torch.Tensor:
-    return x.mean(dim=tuple(range(2, x.ndim)))
+    return x.mean(dim=list(range(2, x.ndim)))
 
 
 class ProFoundEncoder(nn.Module):
@@ -96,6 +99,7 @@ class ProFoundEncoder(nn.Module):
     stage 4, then ``norm``, as the official forward). Sizes not divisible by 16 are floored by the strided convs.
     """
 
+    __constants__ = ("total_stride",)  # lets TorchScript read the class attribute
     total_stride = 16
 
     def __init__(
@@ -164,10 +168,10 @@ class ProFoundEncoder(nn.Module):
     def forward_native_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Stage maps in the native layout: ``(B, C_in, X, Y, Z) -> [(B, dims[i], X / s_i, Y / s_i, Z / s_i)] * 4``."""
         if x.ndim != 5 or x.shape[1] != self.in_channels:
-            raise ValueError(f"ProFoundEncoder: expected (B, {self.in_channels}, H, W, D), got {tuple(x.shape)}.")
-        if any(s < self.total_stride for s in x.shape[2:]):
-            raise ValueError(f"ProFoundEncoder: every spatial size must be >= 16, got {tuple(x.shape[2:])}.")
-        maps = []
+            raise ValueError(f"ProFoundEncoder: expected (B, {self.in_channels}, H, W, D), got {list(x.shape)}.")
+        if min(x.shape[2:]) < self.total_stride:
+            raise ValueError(f"ProFoundEncoder: every spatial size must be >= 16, got {list(x.shape[2:])}.")
+        maps: list[torch.Tensor] = []
         for down, stage in zip(self.downsample_layers, self.stages, strict=True):
             x = stage(down(x))
             maps.append(x)
@@ -223,6 +227,7 @@ class _ProFoundModel(nn.Module):
         super().__init__()
         self.encoder = profound_encoder(encoder_size, in_channels, drop_path_rate, official_axis_order)
         self.encoder_frozen = False
+        self.model_name = type(self).__name__  # for error messages; TorchScript has no type(self)
 
     def train(self, mode: bool = True) -> _ProFoundModel:
         """As ``nn.Module.train``, but a frozen encoder (:func:`freeze_profound_finetune`) stays in eval mode."""
@@ -233,11 +238,11 @@ class _ProFoundModel(nn.Module):
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.ndim != 5:
-            raise ValueError(f"{type(self).__name__}: expected (B, C, H, W, D), got shape {tuple(x.shape)}.")
-        bad = [s for s in x.shape[2:] if s % ProFoundEncoder.total_stride != 0]
-        if bad:
+            raise ValueError(f"{self.model_name}: expected (B, C, H, W, D), got shape {list(x.shape)}.")
+        stride = self.encoder.total_stride
+        if x.shape[2] % stride or x.shape[3] % stride or x.shape[4] % stride:
             raise ValueError(
-                f"{type(self).__name__}: spatial sizes {tuple(x.shape[2:])} must be divisible by 16 (stage strides "
+                f"{self.model_name}: spatial sizes {list(x.shape[2:])} must be divisible by 16 (stage strides "
                 "4, 8, 16, 16); pad or crop the input."
             )
 
@@ -312,7 +317,7 @@ class ProFoundDense(_ProFoundModel):
 
     def _decoder_inputs(self, stages: list[torch.Tensor]) -> list[torch.Tensor]:
         if self.decoder_name == "unetr":
-            return [*stages[:3], self.encoder.norm_map(stages[3])]
+            return stages[:3] + [self.encoder.norm_map(stages[3])]
         return stages
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -447,7 +452,7 @@ class ProFoundSuperRes(_ProFoundModel):
         self._check_input(x)
         xn = self.encoder.to_native(x)
         stages = self.encoder.forward_native_features(xn)
-        inputs = [*stages[:3], self.encoder.norm_map(stages[3])] if self.decoder_name == "unetr" else stages
+        inputs = stages[:3] + [self.encoder.norm_map(stages[3])] if self.decoder_name == "unetr" else stages
         return self.encoder.from_native(self.decoder(xn, inputs)), stages[-1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

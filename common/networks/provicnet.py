@@ -33,6 +33,8 @@ Choices of this implementation (documented where they act):
   predictions are resized back to ``(H, W)`` bilinearly and stacked to ``(B, C_out, H, W, D)``.
 - Volume-level pooling (classification and the representations) is the mean over slices of per-slice vectors; the
   encoder representation is the mean of the per-slice cls tokens.
+- The models compile with ``torch.jit.script`` (MONAI's ``ckpt_export``): ``forward`` only;
+  ``forward_representations`` and the checkpoint functions stay eager.
 """
 
 from __future__ import annotations
@@ -92,6 +94,11 @@ def neighbour_slice_indices(depth: int, n_slices: int = 3, edge_mode: str = "shi
         raise ValueError(f"n_slices must be odd (centred window), got {n_slices}.")
     if edge_mode not in _EDGE_MODES:
         raise ValueError(f"edge_mode must be one of {_EDGE_MODES}, got {edge_mode!r}.")
+    return _neighbour_slice_indices(depth, n_slices, edge_mode)
+
+
+def _neighbour_slice_indices(depth: int, n_slices: int, edge_mode: str) -> torch.Tensor:
+    """:func:`neighbour_slice_indices` after its argument checks; TorchScript-compatible (the models call it)."""
     r = n_slices // 2
     offsets = torch.arange(-r, r + 1)
     centres = torch.arange(depth)
@@ -116,6 +123,7 @@ class ConvUpsampleHead(nn.Module):
         _check_int(embed_dim, "embed_dim")
         _check_int(out_channels, "out_channels")
         self.feature_channels = 64
+        self.num_feature_layers = 9  # all but the final convolution
         self.segmentation_conv = nn.Sequential(
             nn.Upsample(scale_factor=2),
             nn.Conv2d(embed_dim, 128, 3, padding=1),
@@ -131,7 +139,10 @@ class ConvUpsampleHead(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Input of the final convolution: ``(N, E, h, w) -> (N, 64, 8h, 8w)``."""
-        return self.segmentation_conv[:-1](x)
+        for i, layer in enumerate(self.segmentation_conv):  # not [:-1]: TorchScript cannot call a Sequential slice
+            if i < self.num_feature_layers:
+                x = layer(x)
+        return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(N, E, h, w) -> (N, K, 8h, 8w)`` logits."""
@@ -186,8 +197,8 @@ class _ProViCNetBase(nn.Module):
 
         ``pos[:, 0]`` is the slice index, ``pos[:, 1]`` the number of slices (raw floats, as official).
         """
-        if pos.ndim != 2 or pos.shape != (x.shape[0], 2):
-            raise ValueError(f"pos must have shape ({x.shape[0]}, 2), got {tuple(pos.shape)}.")
+        if pos.ndim != 2 or pos.shape[0] != x.shape[0] or pos.shape[1] != 2:
+            raise ValueError(f"pos must have shape ({x.shape[0]}, 2), got {list(pos.shape)}.")
         tokens = self.backbone.prepare_tokens_with_masks(x)  # (N, 1 + R + n, E)
         pos = pos.to(tokens.dtype)
         slice_tokens = torch.stack((self.axis_pos(pos[:, 0:1]), self.axis_max(pos[:, 1:2])), dim=1)  # (N, 2, E)
@@ -306,8 +317,8 @@ class _ProViCNetVolume(_ProViCNetBase):
 
     def _volume_shape(self, x: torch.Tensor) -> tuple[int, int, int, int, int]:
         if x.ndim != 5 or x.shape[1] != self.n_modalities:
-            raise ValueError(f"expected input (B, {self.n_modalities}, H, W, D), got {tuple(x.shape)}.")
-        return tuple(x.shape)
+            raise ValueError(f"expected input (B, {self.n_modalities}, H, W, D), got {list(x.shape)}.")
+        return x.shape[0], x.shape[1], x.shape[2], x.shape[3], x.shape[4]
 
     def slice_stack(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Neighbour stacks and slice positions of a volume batch: ``(B, M, H, W, D) -> (B*D, M*S, H, W), (B*D, 2)``.
@@ -316,8 +327,8 @@ class _ProViCNetVolume(_ProViCNetBase):
         window slice j, see :func:`neighbour_slice_indices`); its position is ``(k, D)``.
         """
         b, m, h, w, d = self._volume_shape(x)
-        idx = neighbour_slice_indices(d, self.n_slices, self.edge_mode).to(x.device)  # (D, S)
-        stacks = x[..., idx]  # (B, M, H, W, D, S)
+        idx = _neighbour_slice_indices(d, self.n_slices, self.edge_mode).to(x.device)  # (D, S)
+        stacks = x[:, :, :, :, idx]  # (B, M, H, W, D, S)
         stacks = stacks.permute(0, 4, 1, 5, 2, 3).reshape(b * d, m * self.n_slices, h, w)
         k = torch.arange(d, device=x.device, dtype=x.dtype)
         pos = torch.stack((k, torch.full_like(k, float(d))), dim=1).repeat(b, 1)  # (B*D, 2)
@@ -326,29 +337,33 @@ class _ProViCNetVolume(_ProViCNetBase):
     def _to_slice_size(self, x: torch.Tensor) -> torch.Tensor:
         """``(N, C, H, W) -> (N, C, s, s)``: bilinear resize to ``slice_size`` (official: 448), or a check that H and W
         are multiples of the patch size when ``slice_size`` is None."""
-        h, w = x.shape[-2:]
-        if self.slice_size is None:
+        h, w = x.shape[-2], x.shape[-1]
+        side = self.slice_size
+        if side is None:
             if h % self.patch_size or w % self.patch_size:
                 raise ValueError(
                     f"slices of {h} x {w} are not multiples of the patch size {self.patch_size}; set slice_size "
                     "to resize them."
                 )
             return x
-        if (h, w) == (self.slice_size, self.slice_size):
+        if h == side and w == side:
             return x
-        return F.interpolate(x, size=(self.slice_size, self.slice_size), mode="bilinear", align_corners=False)
+        return F.interpolate(x, size=[side, side], mode="bilinear", align_corners=False)
 
     def _encode(self, x: torch.Tensor, need_grid: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Per-slice cls tokens ``(B*D, E)`` and, if ``need_grid``, patch grids ``(B*D, E, s/p, s/p)``."""
         stacks, pos = self.slice_stack(x)
         stacks = self._to_slice_size(stacks)
-        size = self.slice_batch_size or stacks.shape[0]
-        cls_parts, grid_parts = [], []
+        size = self.slice_batch_size
+        if size is None:
+            size = stacks.shape[0]
+        cls_parts: list[torch.Tensor] = []
+        grid_parts: list[torch.Tensor] = []
         for start in range(0, stacks.shape[0], size):
             feats = self.forward_features_pos(stacks[start : start + size], pos[start : start + size])
             cls_parts.append(feats["x_norm_clstoken"])
             if need_grid:
-                grid_parts.append(self._patch_grid(feats["x_norm_patchtokens"], *stacks.shape[-2:]))
+                grid_parts.append(self._patch_grid(feats["x_norm_patchtokens"], stacks.shape[-2], stacks.shape[-1]))
         return torch.cat(cls_parts), (torch.cat(grid_parts) if need_grid else None)
 
     def _forward_all(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -366,14 +381,14 @@ class _ProViCNetVolume(_ProViCNetBase):
 
 def _slice_mean(per_slice: torch.Tensor, b: int) -> torch.Tensor:
     """``(B*D, ...) -> (B, ...)``: mean over the slices of each volume."""
-    return per_slice.reshape(b, -1, *per_slice.shape[1:]).mean(dim=1)
+    return per_slice.reshape([b, -1] + list(per_slice.shape[1:])).mean(dim=1)
 
 
 def _resize_out(y: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """``(N, K, h', w') -> (N, K, h, w)``, bilinear unless already that size."""
-    if tuple(y.shape[-2:]) == (h, w):
+    if y.shape[-2] == h and y.shape[-1] == w:
         return y
-    return F.interpolate(y, size=(h, w), mode="bilinear", align_corners=False)
+    return F.interpolate(y, size=[h, w], mode="bilinear", align_corners=False)
 
 
 class ProViCNetDense(_ProViCNetVolume):
@@ -431,9 +446,11 @@ class ProViCNetDense(_ProViCNetVolume):
     def _forward_all(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         b, _, h, w, d = self._volume_shape(x)
         cls, grid = self._encode(x, need_grid=True)
+        if grid is None:  # cannot happen (need_grid); refines the type for TorchScript
+            raise RuntimeError("ProViCNetDense: no patch grid.")
         hidden = self.head.forward_features(grid)  # (B*D, 64, 8s/p, 8s/p)
         y = _resize_out(self.head.segmentation_conv[-1](hidden), h, w)  # (B*D, K, H, W)
-        y = y.reshape(b, d, *y.shape[1:]).permute(0, 2, 3, 4, 1)  # (B, D, K, H, W) -> (B, K, H, W, D)
+        y = y.reshape([b, d] + list(y.shape[1:])).permute(0, 2, 3, 4, 1)  # (B, D, K, H, W) -> (B, K, H, W, D)
         reps = {"head_input": _slice_mean(hidden.mean(dim=(2, 3)), b), "encoder": _slice_mean(cls, b)}
         return y, reps
 
@@ -573,10 +590,12 @@ class ProViCNetSuperRes(_ProViCNetVolume):
     def _forward_all(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         b, _, h, w, d = self._volume_shape(x)
         cls, grid = self._encode(x, need_grid=True)
-        grid = grid.reshape(b, d, *grid.shape[1:]).permute(0, 2, 3, 4, 1)  # (B*D, E, g, g) -> (B, E, g, g, D)
+        if grid is None:  # cannot happen (need_grid); refines the type for TorchScript
+            raise RuntimeError("ProViCNetSuperRes: no patch grid.")
+        grid = grid.reshape([b, d] + list(grid.shape[1:])).permute(0, 2, 3, 4, 1)  # (B*D, E, g, g) -> (B, E, g, g, D)
         y = self.head(grid)  # (B, K, s, s, f*D)
         n_out = d * self.depth_factor
-        y = y.permute(0, 4, 1, 2, 3).reshape(b * n_out, self.out_channels, *y.shape[2:4])  # one image per out slice
+        y = y.permute(0, 4, 1, 2, 3).reshape(b * n_out, self.out_channels, y.shape[2], y.shape[3])  # one per slice
         y = _resize_out(y, h, w).reshape(b, n_out, self.out_channels, h, w).permute(0, 2, 3, 4, 1)
         reps = {"head_input": grid.mean(dim=(2, 3, 4)), "encoder": _slice_mean(cls, b)}
         return y, reps

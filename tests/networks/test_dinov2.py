@@ -230,7 +230,7 @@ def test_bad_arguments_raise(kwargs):
 
 def test_bad_size_and_input_raise():
     with pytest.raises(ValueError, match="size must be one of"):
-        provicnet_backbone("tiny")
+        provicnet_backbone("huge")
     with pytest.raises(ValueError, match="multiples of 14"):
         _tiny()(torch.zeros(1, 3, 30, 28))
     with pytest.raises(ValueError, match="input"):

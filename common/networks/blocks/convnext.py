@@ -45,7 +45,7 @@ class LayerNormChannelsFirst(nn.Module):
         mean = x.mean(1, keepdim=True)
         var = (x - mean).pow(2).mean(1, keepdim=True)
         x = (x - mean) / torch.sqrt(var + self.eps)
-        affine_shape = (1, -1) + (1,) * (x.ndim - 2)
+        affine_shape = [1, -1] + [1] * (x.ndim - 2)
         return self.weight.view(affine_shape) * x + self.bias.view(affine_shape)
 
 

@@ -38,6 +38,7 @@ class GRN(nn.Module):
             raise ValueError(f"GRN: eps must be > 0, got {eps}.")
         self.spatial_dims = spatial_dims
         self.eps = eps
+        self.spatial_axes = list(range(1, spatial_dims + 1))  # built here: TorchScript cannot build it in forward
         param_shape = (1,) * (spatial_dims + 1) + (dim,)
         self.gamma = nn.Parameter(torch.zeros(param_shape))
         self.beta = nn.Parameter(torch.zeros(param_shape))
@@ -46,8 +47,8 @@ class GRN(nn.Module):
         """``(B, *spatial, C) -> (B, *spatial, C)``."""
         if x.ndim != self.spatial_dims + 2:
             raise ValueError(
-                f"GRN: expected a {self.spatial_dims + 2}-D channels-last tensor, got shape {tuple(x.shape)}."
+                f"GRN: expected a {self.spatial_dims + 2}-D channels-last tensor, got shape {list(x.shape)}."
             )
-        gx = torch.linalg.vector_norm(x, ord=2, dim=tuple(range(1, self.spatial_dims + 1)), keepdim=True)
+        gx = torch.linalg.vector_norm(x, ord=2, dim=self.spatial_axes, keepdim=True)
         nx = gx / (gx.mean(dim=-1, keepdim=True) + self.eps)
         return self.gamma * (x * nx) + self.beta + x

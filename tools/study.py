@@ -1133,7 +1133,10 @@ def _run_here(runs: Sequence[Run], study: Study, uri: str, args: argparse.Namesp
     setup_seconds = time.monotonic() - start_wall
 
     def record() -> None:
-        """``<study_dir>/study_timing.json``: this invocation's runs with their status and seconds (bench/)."""
+        """``<study_dir>/study_timing.json``: this invocation's runs with their status and seconds (bench/). An
+        invocation that only finds everything done keeps the record of the one that did the work."""
+        if analysis_current and all(o.status == "done" for o in outcomes if o.run.stage != ANALYSIS):
+            return
         _write_json(timing_path, {
             "study": study.name, "profile": study.profile, "seeds": list(study.seeds), "started": started,
             "wall_seconds": round(time.monotonic() - start_wall, 2), "setup_seconds": round(setup_seconds, 2),

@@ -80,7 +80,9 @@ def test_two_process_run_shards_data_and_only_rank0_writes(bundle: str, cohort: 
 
     exported = models / "model.pt"
     if bundle == "provicnet_pretrain":
-        dense = load_checkpoint(ProViCNetDense(out_channels=2, slice_size=56), exported, encoder_only=True)
+        dense = load_checkpoint(
+            ProViCNetDense(out_channels=2, slice_size=56, backbone_size="tiny"), exported, encoder_only=True
+        )
         saved = torch.load(exported, weights_only=True)
         assert torch.equal(dense.backbone.blocks[11].mlp.fc2.weight, saved["backbone.blocks.11.mlp.fc2.weight"])
         # the export is the trained student of the checkpoint's network

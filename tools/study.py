@@ -262,13 +262,11 @@ def tracking_setup(uri: str) -> tuple[list[str], dict[str, str]]:
     return ["--tracking", "mlflow_config/server.json"], {"MLFLOW_TRACKING_URI": uri}
 
 
-def _sqlite_file(uri: str) -> Path | None:
-    return Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
-
-
 def finished_runs(uri: str, experiment: str) -> list:
     """Every FINISHED MLflow run of ``experiment`` (none when the store or the experiment does not exist yet)."""
-    db = _sqlite_file(uri)
+    from common.bundle import sqlite_path
+
+    db = sqlite_path(uri)
     if db is not None and not db.is_file():
         return []
     from mlflow import MlflowClient
@@ -988,9 +986,14 @@ def _resolve(args: argparse.Namespace) -> tuple[Study, str]:
         datalist = str(Path(args.datalist).resolve())
     else:
         datalist = str(study_dir / f"cohort-{args.profile}" / "datalist.json")
-    uri = args.tracking_uri or "sqlite:///" + str(study_dir / "mlflow.db")
-    if uri.startswith("sqlite:///") and args.tracking_uri:
-        uri = "sqlite:///" + str(Path(uri[len("sqlite:///") :]).resolve())
+    from common.bundle import sqlite_path, sqlite_uri
+
+    if not args.tracking_uri:
+        uri = sqlite_uri(study_dir / "mlflow.db")
+    elif sqlite_path(args.tracking_uri) is not None:  # absolute, so that every run means the same file
+        uri = sqlite_uri(sqlite_path(args.tracking_uri))
+    else:
+        uri = args.tracking_uri
     if not args.study.strip() or any(c in args.study for c in "\t\n'\"/"):
         raise UsageError(f"--study {args.study!r}: use a plain name")
     study = Study(args.profile, tuple(args.seeds), study_dir, datalist, args.study, weights)
@@ -1081,7 +1084,9 @@ def _run_here(runs: Sequence[Run], study: Study, uri: str, args: argparse.Namesp
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     cores, memory, gpus = cpu_count(), memory_gb(), visible_gpus()
     jobs = args.jobs or default_jobs(study.profile, len(gpus), cores, memory)
-    db = _sqlite_file(uri)
+    from common.bundle import sqlite_path
+
+    db = sqlite_path(uri)
     if db is not None:
         if jobs > SQLITE_MAX_JOBS:
             print(f"tools.study: {jobs} runs at once is more than one SQLite store bears here (at most "

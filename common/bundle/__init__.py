@@ -28,7 +28,7 @@ from .engine import (
 )
 from .outputs import init_distributed, load_trained, report_evaluation, write_predictions
 from .snapshots import FeatureSnapshots, TestPredictions
-from .tracking import StudyTracker, ensure_experiment, git_commit, sqlite_uri, unique_run_name
+from .tracking import StudyTracker, ensure_experiment, git_commit, sqlite_path, sqlite_uri, unique_run_name
 
 __all__ = [
     "DiffusionLoss",
@@ -63,6 +63,7 @@ __all__ = [
     "load_split",
     "resolve_datalist",
     "resume_checkpoint",
+    "sqlite_path",
     "sqlite_uri",
     "unique_run_name",
 ]

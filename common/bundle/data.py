@@ -16,7 +16,7 @@ from common.data.datalist import load_datalist
 from common.data.phantom import ensure_cohort
 from common.profiles import get_profile
 
-__all__ = ["COHORT_SEED", "load_split", "resolve_datalist"]
+__all__ = ["COHORT_SEED", "load_split", "load_splits", "resolve_datalist"]
 
 #: The synthetic cohort is data, not a run setting: every seed of every bundle trains on the same cohort.
 COHORT_SEED = 0
@@ -45,6 +45,13 @@ def resolve_datalist(datalist: str | os.PathLike | None, profile: str, study_dir
 @functools.lru_cache(maxsize=8)
 def _validated(datalist: str, required_keys: tuple[str, ...]) -> dict[str, list[dict]]:
     return load_datalist(datalist, required_keys=required_keys, allow_resample=True)
+
+
+def load_splits(datalist: str | os.PathLike, required_keys: tuple[str, ...] | list[str]) -> dict[str, list[dict]]:
+    """Every split of the datalist (``{name: entries}``, absolute paths), validated once per process for
+    ``required_keys``."""
+    splits = _validated(str(datalist), tuple(k for k in required_keys if k != "id"))
+    return {name: [dict(entry) for entry in entries] for name, entries in splits.items()}
 
 
 def load_split(datalist: str | os.PathLike, split: str, required_keys: tuple[str, ...] | list[str]) -> list[dict]:

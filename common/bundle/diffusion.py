@@ -40,12 +40,9 @@ from monai.losses import SSIMLoss
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, Scheduler
 from torch import nn
 
+from .engine import plain_tensor as _plain
+
 __all__ = ["DiffusionLoss", "DiffusionSampler", "NoisePrepareBatch"]
-
-
-def _plain(x: torch.Tensor) -> torch.Tensor:
-    """A MONAI MetaTensor -> a plain tensor (the engines need no metadata, and plain tensors are faster)."""
-    return x.as_tensor() if hasattr(x, "as_tensor") else x
 
 
 class NoisePrepareBatch(DiffusionPrepareBatch):

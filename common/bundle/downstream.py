@@ -28,7 +28,8 @@ from common.networks import load_checkpoint
 from common.transforms import task_transforms
 from common.transforms.label import NUM_CLASSES, PiradsToClass
 
-from .data import load_split
+from .data import load_split, load_splits
+from .engine import atomic_save
 
 __all__ = [
     "INITS",
@@ -126,7 +127,8 @@ def load_task_split(
         raise ValueError(f"split must be one of {names}, got {split!r}")
     if proportions is None:
         return load_split(datalist, split, keys)
-    entries = {e["id"]: e for name in names for e in _entries_or_empty(datalist, name, keys)}
+    splits = load_splits(datalist, keys)
+    entries = {e["id"]: e for name in names for e in splits.get(name, [])}
     if not entries:
         raise ValueError(f"datalist {os.fspath(datalist)!r} has no cases")
     parts = split_ids(sorted(entries), proportions, seed=seed)
@@ -137,15 +139,6 @@ def load_task_split(
             f"{os.fspath(datalist)!r} is too small"
         )
     return [entries[i] for i in chosen]
-
-
-def _entries_or_empty(datalist: str | os.PathLike, split: str, keys: Sequence[str]) -> list[dict]:
-    try:
-        return load_split(datalist, split, keys)
-    except ValueError as err:
-        if "has no split" in str(err):
-            return []
-        raise
 
 
 def class_weights(data: Sequence[Mapping[str, object]], num_classes: int = NUM_CLASSES) -> torch.Tensor:
@@ -237,8 +230,4 @@ test_transforms.__test__ = False  # a factory, not a pytest test
 def save_state_dict(model: nn.Module, path: str | os.PathLike) -> None:
     """Write ``model.state_dict()`` to ``path`` atomically (a temporary file renamed into place): the bundle's
     ``models/model.pt``, loadable into ``network_def`` by ``evaluate.json``, ``inference.json`` and ``ckpt_export``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(model.state_dict(), tmp)
-    os.replace(tmp, path)
+    atomic_save(model.state_dict(), path)

@@ -136,13 +136,9 @@ class SaveCheckpoints:
     def __call__(self, engine) -> None:
         if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank():
             return
-        self.save_dir.mkdir(parents=True, exist_ok=True)
         state = {name: unwrap_model(obj).state_dict() for name, obj in self.objects.items()}
         state["trainer"] = engine.state_dict()
-        path = self.save_dir / f"checkpoint_epoch={engine.state.epoch}.pt"
-        tmp = path.with_name(f".{path.name}.tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        atomic_save(state, self.save_dir / f"checkpoint_epoch={engine.state.epoch}.pt")
         for _, old in _checkpoints(self.save_dir)[: -self.n_saved]:
             old.unlink(missing_ok=True)
 
@@ -169,6 +165,21 @@ class SaveOnCompleted:
         self.save(unwrap_model(self.model), self.path)
 
 
+def plain_tensor(x: torch.Tensor) -> torch.Tensor:
+    """A MONAI MetaTensor -> a plain tensor (the engines and metrics need no metadata; plain tensors are faster)."""
+    return x.as_tensor() if hasattr(x, "as_tensor") else x
+
+
+def atomic_save(obj: object, path: str | os.PathLike) -> None:
+    """``torch.save(obj)`` to a temporary file beside ``path``, renamed into place: a process killed while saving
+    leaves the previous file intact (MONAI's ``CheckpointSaver`` writes in place)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
 def plain_prepare_batch(batchdata, device=None, non_blocking: bool = False, **kwargs):
     """MONAI's ``default_prepare_batch`` with the image and label as plain tensors: the networks do not need the
     MetaTensor metadata, and MetaTensor indexing of a batch with per-case metadata (e.g. the 2.5D slice stacks of
@@ -176,5 +187,4 @@ def plain_prepare_batch(batchdata, device=None, non_blocking: bool = False, **kw
     from monai.engines import default_prepare_batch
 
     image, label = default_prepare_batch(batchdata, device, non_blocking, **kwargs)
-    plain = [x.as_tensor() if hasattr(x, "as_tensor") else x for x in (image, label)]
-    return plain[0], plain[1]
+    return plain_tensor(image), plain_tensor(label)

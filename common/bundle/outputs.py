@@ -17,6 +17,7 @@ from torch import nn
 
 from common.networks._state import load_weights, state_dict_problems
 
+from .engine import unwrap_model
 from .snapshots import TASKS, TestPredictions, _evaluating, _plain, _resolve_device, collect_ids
 
 __all__ = ["init_distributed", "load_trained", "report_evaluation", "write_predictions"]
@@ -102,7 +103,7 @@ def write_predictions(
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     infer = inferer if inferer is not None else SimpleInferer()
-    model = network.module if isinstance(network, nn.parallel.DistributedDataParallel) else network
+    model = unwrap_model(network)
     device = _resolve_device(device, model)
     rows: list[list[object]] = []
     n = 0

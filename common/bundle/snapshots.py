@@ -27,6 +27,7 @@ from torch import nn
 
 from common.metrics import compute_dice, compute_specificity_at_sensitivity, compute_ssim_3d
 
+from .engine import plain_tensor as _plain
 from .engine import unwrap_model
 from .tracking import _retry
 
@@ -59,11 +60,6 @@ _METRIC_KWARGS: dict[str, frozenset[str]] = {
 def _is_rank0() -> bool:
     dist = torch.distributed
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
-def _plain(x: torch.Tensor) -> torch.Tensor:
-    """A MONAI MetaTensor -> a plain tensor (metadata is not needed here, and plain tensors are faster)."""
-    return x.as_tensor() if hasattr(x, "as_tensor") else x
 
 
 def _resolve_device(device: str | torch.device | None, model: nn.Module) -> torch.device:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["StudyTracker", "ensure_experiment", "git_commit", "sqlite_uri", "unique_run_name"]
+__all__ = ["StudyTracker", "ensure_experiment", "git_commit", "sqlite_path", "sqlite_uri", "unique_run_name"]
 
 logger = logging.getLogger(__name__)
 _REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -42,14 +42,15 @@ def sqlite_uri(path: str | os.PathLike) -> str:
     return "sqlite:///" + os.path.abspath(os.fspath(path))
 
 
-def _sqlite_path(uri: str) -> Path | None:
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI, or None for any other store."""
     return Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
 
 
 @contextlib.contextmanager
 def _store_lock(uri: str) -> Iterator[None]:
     """Hold an exclusive file lock beside a SQLite store (no-op for a tracking server)."""
-    db = _sqlite_path(uri)
+    db = sqlite_path(uri)
     if db is None:
         yield
         return
@@ -73,7 +74,7 @@ def ensure_experiment(tracking_uri: str, experiment_name: str) -> str:
         experiment = client.get_experiment_by_name(experiment_name)
         if experiment is not None:
             return experiment.experiment_id
-        db = _sqlite_path(tracking_uri)
+        db = sqlite_path(tracking_uri)
         location = (db.parent / "artifacts" / experiment_name).as_uri() if db is not None else None
         return client.create_experiment(experiment_name, artifact_location=location)
 

@@ -23,10 +23,8 @@ import fcntl
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +34,8 @@ from mlflow import MlflowClient
 
 from common.bundle import sqlite_uri
 from common.data.phantom import make_cohort
+
+from .helpers import kill_after_first_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 SCHEMA = REPO.parent / "shared" / "monai" / "meta_schema_20240725.json"
@@ -245,15 +245,7 @@ def test_killed_downstream_run_resumes_into_the_same_mlflow_run(shared: dict, tm
     study = tmp_path / "study"
     command = _command(bundle, study, shared, "--tracking", TRACKING, "--epochs", str(epochs))
     models = study / "runs" / bundle / "seed0" / "models"
-    first = subprocess.Popen(command, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             start_new_session=True)  # fmt: skip
-    deadline = time.monotonic() + 600
-    while not (models / "checkpoint_epoch=1.pt").exists():
-        assert first.poll() is None, "the first run ended before its first checkpoint"
-        assert time.monotonic() < deadline, "no checkpoint after 10 minutes"
-        time.sleep(0.2)
-    os.killpg(first.pid, signal.SIGKILL)
-    first.wait(timeout=60)
+    kill_after_first_checkpoint(command, models, ENV)
     client, experiment = _client(study)
     (killed,) = client.search_runs([experiment])
     assert killed.info.status == "RUNNING"

@@ -3,11 +3,8 @@ the same MLflow run: no epoch repeated or lost in its metric history."""
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +12,8 @@ from mlflow import MlflowClient
 
 from common.bundle import sqlite_uri
 from common.data.phantom import make_cohort
+
+from .helpers import kill_after_first_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 EPOCHS = 3
@@ -31,17 +30,7 @@ def test_killed_run_resumes_into_the_same_mlflow_run(tmp_path: Path) -> None:
                "--out_dim", "64", "--patch_out_dim", "256"]  # fmt: skip
     models = study / "runs" / "provicnet_pretrain" / "seed0" / "models"
 
-    first = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             start_new_session=True)  # fmt: skip
-    deadline = time.monotonic() + 600
-    while not (models / "checkpoint_epoch=1.pt").exists():
-        assert first.poll() is None, "the first run ended before its first checkpoint"
-        assert time.monotonic() < deadline, "no checkpoint after 10 minutes"
-        time.sleep(0.5)
-    # kill at once and without warning, as an OOM killer or a scheduler would: the saver writes atomically, so
-    # whatever it was doing, the newest complete checkpoint is intact
-    os.killpg(first.pid, signal.SIGKILL)
-    first.wait(timeout=60)
+    kill_after_first_checkpoint(command, models)
     client = MlflowClient(sqlite_uri(study / "mlflow.db"))
     experiment = client.get_experiment_by_name("vfm-study").experiment_id
     (killed,) = client.search_runs([experiment])

@@ -1,0 +1,117 @@
+"""The contract between the bundles that write a run and the analysis that reads it (DESIGN.md sections 4-5).
+
+Torch-free, so the analysis and the study runner import it without the networks. Every artifact path, MLflow tag
+and metric name that crosses from a bundle to the tools bundle is defined here once; the writer
+(``common.bundle.snapshots``) and the reader (``common.analysis.runs``) both import it.
+
+Feature snapshots (``features/<snapshot><suffix>.npz``) hold ``features`` ``(N, d)`` float32, ``ids`` ``(N,)``
+str, ``layer`` (a name of :data:`LAYERS`) and ``kind`` (a name of :data:`LAYER_KINDS`: what sort of layer it is in
+this network, so the analysis can tell when a correlation across tasks mixes layers of different kinds).
+
+Test predictions (``test/predictions.npz``): ``ids``; dense tasks ``per_image`` ``(N,)`` (NaN where the metric does
+not count the image, e.g. a lesion-free case under the lesion-case Dice convention) and ``baseline_per_image``
+``(N,)`` (the strongest trivial baseline on the same images with the same metric code); classification ``scores``
+``(N, K)``, ``labels`` ``(N,)`` and ``baseline_scores`` ``(N, K)``. P is the mean of ``per_image`` over the counted
+images (``nanmean``), or the task's classification metric of ``scores``.
+"""
+
+from __future__ import annotations
+
+import re
+
+__all__ = [
+    "FEATURES_DIR",
+    "LAYERS",
+    "LAYER_KINDS",
+    "METRIC_BASELINE",
+    "METRIC_TEST",
+    "METRIC_TEST_AUC",
+    "METRIC_TEST_DICE_ALL",
+    "METRIC_TEST_FP_VOLUME",
+    "PREDICTIONS_ARTIFACT",
+    "RUN_FILE",
+    "TAG_BASELINE",
+    "TAG_LAYER_KINDS",
+    "baseline_metric_name",
+    "feature_artifact",
+    "feature_file_name",
+    "parse_feature_artifact",
+]
+
+FEATURES_DIR = "features"
+PREDICTIONS_ARTIFACT = "test/predictions.npz"
+#: the file a bundle writes in its output folder with its MLflow run id and status (``StudyTracker``)
+RUN_FILE = "mlflow_run.json"
+
+#: recorded layer -> file-name suffix of its snapshots (``features/final.npz``, ``features/final_encoder.npz``)
+LAYERS: dict[str, str] = {"head_input": "", "encoder": "_encoder"}
+
+#: what a recorded layer is, per network (``forward_representations`` names the layer, ``representation_kinds``
+#: says which of these it is). Distances are comparable across tasks only on layers of one kind.
+LAYER_KINDS: dict[str, str] = {
+    "mlp_hidden": "the last hidden layer of an MLP head on pooled encoder features",
+    "decoder_features": "the feature map a dense decoder feeds its final convolution, pooled",
+    "conv_head_input": "the backbone tokens a randomly initialised convolutional head reads, pooled",
+    "backbone_tokens": "the backbone's own patch tokens, read by a single-convolution head, pooled",
+    "encoder_pooled": "the encoder's pooled output (frozen under ProFound's finetune protocol)",
+    "backbone_pooled": "the pooled backbone output after its trainable blocks (ProViCNet: mean cls token)",
+    "diffusion_bottleneck": "the pooled bottleneck of a diffusion UNet",
+}
+
+_SNAPSHOT_RE = re.compile(r"^(step0|final|epoch_[1-9][0-9]*)$")
+
+METRIC_TEST = "test_metric"
+#: the task's strongest trivial baseline on the same test images with the same metric code
+METRIC_BASELINE = "baseline_metric"
+#: classification: area under the ROC curve of the PI-RADS >= 3 cut (the constant-score baseline has 0.5)
+METRIC_TEST_AUC = "test_auc"
+#: segmentation: Dice with the all-empty convention (a lesion-free case predicted empty scores 1)
+METRIC_TEST_DICE_ALL = "test_dice_all"
+#: segmentation: mean predicted lesion volume (ml) on the lesion-free test cases (false positives)
+METRIC_TEST_FP_VOLUME = "test_fp_volume_ml"
+#: tag: the name of the baseline ``baseline_metric`` comes from
+TAG_BASELINE = "baseline_name"
+#: tag: JSON ``{layer: kind}`` of the run's network
+TAG_LAYER_KINDS = "layer_kinds"
+
+
+def baseline_metric_name(baseline: str) -> str:
+    """The MLflow metric of one trivial baseline, e.g. ``baseline_metric_trilinear``."""
+    return f"{METRIC_BASELINE}_{baseline}"
+
+
+def feature_file_name(snapshot: str, layer: str = "head_input") -> str:
+    """``<snapshot><suffix>.npz`` of ``layer`` (:data:`LAYERS`), e.g. ``final_encoder.npz``.
+
+    Raises:
+        ValueError: if ``snapshot`` is not ``step0``, ``final`` or ``epoch_<k>`` (k >= 1), or ``layer`` unknown.
+    """
+    if not isinstance(snapshot, str) or not _SNAPSHOT_RE.match(snapshot):
+        raise ValueError(f"snapshot must be 'step0', 'final' or 'epoch_<k>' (k >= 1), got {snapshot!r}.")
+    if layer not in LAYERS:
+        raise ValueError(f"layer must be one of {sorted(LAYERS)}, got {layer!r}.")
+    return f"{snapshot}{LAYERS[layer]}.npz"
+
+
+def feature_artifact(snapshot: str, layer: str = "head_input") -> str:
+    """Artifact path of a feature snapshot, ``features/<snapshot><suffix>.npz`` (see :func:`feature_file_name`)."""
+    return f"{FEATURES_DIR}/{feature_file_name(snapshot, layer)}"
+
+
+def parse_feature_artifact(path: str) -> tuple[str, str] | None:
+    """``features/final_encoder.npz`` -> ``("final", "encoder")``; None for any other path."""
+    prefix = FEATURES_DIR + "/"
+    if not path.startswith(prefix) or not path.endswith(".npz"):
+        return None
+    stem = path[len(prefix) : -len(".npz")]
+    # longest suffix first, so "_encoder" wins over the empty suffix of head_input
+    for layer, suffix in sorted(LAYERS.items(), key=lambda item: -len(item[1])):
+        if suffix and stem.endswith(suffix):
+            name = stem[: -len(suffix)]
+        elif not suffix:
+            name = stem
+        else:
+            continue
+        if _SNAPSHOT_RE.match(name):
+            return name, layer
+    return None

@@ -10,31 +10,40 @@ from __future__ import annotations
 import math
 import numbers
 
-__all__ = ["compute_rpg"]
+__all__ = ["NEAR_ZERO_REFERENCE", "compute_rpg"]
+
+#: the smallest reference P the study divides by: below it a relative gain is a ratio of noise (+2000 % and more)
+NEAR_ZERO_REFERENCE = 1e-3
 
 
-def compute_rpg(p_ft: float, p_ref: float) -> float:
+def compute_rpg(p_ft: float, p_ref: float, min_reference: float = 0.0, higher_is_better: bool = True) -> float:
     """Relative performance gain in percent, paper Eq. 2: ``(p_ft - p_ref) / p_ref * 100``.
 
-    The sign convention assumes a higher-is-better metric, as are all of this study's test metrics (specificity at
-    sensitivity 0.9, AUC, Dice, SSIM): a positive RPG means the fine-tuned model is better. For a lower-is-better
-    metric (an error or a distance) negate the result, so that a positive RPG still means better.
+    A positive RPG means the fine-tuned model is better. All of this study's test metrics (specificity at
+    sensitivity 0.9, AUC, Dice, SSIM) are higher-is-better; for a lower-is-better metric (an error or a distance)
+    ``higher_is_better=False`` negates the result, so that a positive RPG still means better.
 
     Args:
         p_ft: test metric of the fine-tuned model.
-        p_ref: test metric of the reference model; must be > 0.
+        p_ref: test metric of the reference model; must be > 0 and >= ``min_reference``.
+        min_reference: the smallest ``p_ref`` divided by, default 0 (the analysis uses :data:`NEAR_ZERO_REFERENCE`).
+        higher_is_better: the metric's direction, default True.
 
     Returns:
         RPG in percent, e.g. ``compute_rpg(0.6, 0.5) == 20.0``.
 
     Raises:
-        ValueError: if either value is not a finite real number, or ``p_ref <= 0``: a gain relative to zero is
-            undefined, and relative to a negative value (possible for SSIM) its sign would invert, so no number is
-            returned rather than a misleading ``inf`` or a flipped sign.
+        ValueError: if either value is not a finite real number, or ``p_ref <= 0`` or ``p_ref < min_reference``: a
+            gain relative to zero is undefined, relative to a near-zero value it is a ratio of noise, and relative
+            to a negative value (possible for SSIM) its sign would invert, so no number is returned rather than a
+            misleading ``inf`` or a flipped sign.
     """
-    for name, value in (("p_ft", p_ft), ("p_ref", p_ref)):
+    for name, value in (("p_ft", p_ft), ("p_ref", p_ref), ("min_reference", min_reference)):
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
             raise ValueError(f"{name} must be a finite real number, got {value!r}.")
     if p_ref <= 0:
         raise ValueError(f"p_ref must be > 0 for a relative gain, got {p_ref!r}.")
-    return (float(p_ft) - float(p_ref)) / float(p_ref) * 100.0
+    if p_ref < min_reference:
+        raise ValueError(f"p_ref {p_ref:.3g} is below {min_reference:.3g}, too near zero for a relative gain.")
+    gain = (float(p_ft) - float(p_ref)) / float(p_ref) * 100.0
+    return gain if higher_is_better else -gain

@@ -9,6 +9,8 @@ The bootstrap resamples test images, not tasks: with five tasks, resampling task
 is resampled independently (the sets are independent samples), and either a callable recomputes the statistic from
 the drawn image indices (:func:`bootstrap_ci`) or the caller precomputes per-task statistics on each resample, e.g.
 with :func:`common.alignment.bootstrap_mmd2`, and :func:`bootstrap_correlation` correlates them resample by resample.
+With several seeds, :func:`resample_seed_means` adds the second level of the hierarchical bootstrap: every image
+resample also draws the seeds with replacement, so the interval carries the seed-to-seed spread as well.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ __all__ = [
     "bootstrap_indices",
     "mean_std",
     "pearson",
+    "resample_seed_means",
     "spearman",
 ]
 
@@ -118,6 +121,28 @@ def bootstrap_indices(n: int, n_resamples: int = 1000, seed: int = 0) -> np.ndar
     n_resamples = check_positive_int(n_resamples, "n_resamples")
     rng = np.random.default_rng(check_seed(seed))
     return rng.integers(0, n, size=(n_resamples, n), dtype=np.int64)
+
+
+def resample_seed_means(per_seed: ArrayLike, seed: int = 0) -> np.ndarray:
+    """Seed mean on every resample with the seeds drawn with replacement: ``(S, B) -> (B,)``.
+
+    Row ``s`` of ``per_seed`` holds seed ``s``'s statistic on ``B`` image resamples; column ``b`` of the result is
+    the mean of ``per_seed[i, b]`` over ``S`` seed indices ``i`` drawn uniformly with replacement, independently for
+    every column. With one seed it is that seed's row. NaN in a drawn value makes that column NaN.
+
+    Args:
+        per_seed: ``(S, B)`` float, ``S >= 1``, ``B >= 1``.
+        seed: seed of ``numpy.random.default_rng``. Default 0.
+    """
+    values = np.asarray(per_seed, dtype=np.float64)
+    if values.ndim != 2 or values.shape[0] == 0 or values.shape[1] == 0:
+        raise ValueError(f"per_seed must have shape (S >= 1, B >= 1), got {values.shape}.")
+    n_seeds, n_resamples = values.shape
+    if n_seeds == 1:
+        return values[0].copy()
+    rng = np.random.default_rng(check_seed(seed))
+    drawn = rng.integers(0, n_seeds, size=(n_seeds, n_resamples))
+    return np.take_along_axis(values, drawn, axis=0).mean(axis=0)
 
 
 def _percentile_ci(estimate: float, values: np.ndarray, confidence: float) -> BootstrapCI:

@@ -1,17 +1,18 @@
 """Selecting a study's MLflow runs by tag and loading their feature snapshots and test predictions.
 
-The contract the downstream bundles follow is written out in ``tools/docs/README.md`` (DESIGN.md section 5): one
-experiment per study; tags ``model``, ``task``, ``regime``, ``seed`` (and ``profile``, ``study``, ``bundle``,
-``bundle_version``, ``git_commit``, ``metric_name``); metrics ``val_metric`` / ``train_loss`` per epoch,
-``test_metric``, ``wall_seconds``, ``gpu_hours``; artifacts ``features/<snapshot>.npz`` and
-``test/predictions.npz``. Nothing here drops a run silently: every run that is not selected comes back as an
-:class:`Exclusion` with the reason.
+The contract the downstream bundles follow is :mod:`common.contract`, written out in ``tools/docs/README.md``
+(DESIGN.md section 5): one experiment per study; tags ``model``, ``task``, ``regime``, ``seed`` (and ``profile``,
+``study``, ``bundle``, ``bundle_version``, ``git_commit``, ``metric_name``, ``baseline_name``, ``layer_kinds``);
+metrics ``val_metric`` / ``train_loss`` per epoch, ``test_metric``, ``baseline_metric``, ``wall_seconds``,
+``gpu_hours``; artifacts ``features/<snapshot><suffix>.npz`` per recorded layer and ``test/predictions.npz``.
+Nothing here drops a run silently: every run that is not selected comes back as an :class:`Exclusion` with the
+reason. A run without ``test/predictions.npz`` is still selected: it gives its point values, not their intervals.
 """
 
 from __future__ import annotations
 
+import json
 import math
-import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,13 +20,28 @@ from typing import Any
 
 import numpy as np
 
+from common.contract import (
+    FEATURES_DIR,
+    METRIC_BASELINE,
+    METRIC_TEST,
+    METRIC_TEST_AUC,
+    METRIC_TEST_DICE_ALL,
+    METRIC_TEST_FP_VOLUME,
+    PREDICTIONS_ARTIFACT,
+    TAG_BASELINE,
+    TAG_LAYER_KINDS,
+    feature_artifact,
+    parse_feature_artifact,
+)
+from common.tasks import TASKS
+
 __all__ = [
-    "FOUNDATION_MODELS",
     "Exclusion",
     "FeatureSnapshot",
     "Predictions",
     "RunRecord",
     "Selection",
+    "USED_REGIMES",
     "feature_artifact",
     "list_study_runs",
     "load_features",
@@ -34,39 +50,27 @@ __all__ = [
     "select_runs",
 ]
 
-FOUNDATION_MODELS: tuple[str, ...] = ("profound", "provicnet")
 USED_REGIMES: tuple[str, ...] = ("finetune", "scratch", "random", "specialised")
-PREDICTIONS_ARTIFACT = "test/predictions.npz"
-_SNAPSHOT_RE = re.compile(r"^(step0|final|epoch_[1-9][0-9]*)$")
 
 RunKey = tuple[str, str, str, int]  # (model, task, regime, seed)
-
-
-def feature_artifact(snapshot: str, encoder: bool = False) -> str:
-    """Artifact path of a feature snapshot: ``features/<snapshot>.npz`` or ``features/<snapshot>_encoder.npz``.
-
-    Raises:
-        ValueError: if ``snapshot`` is not ``step0``, ``final`` or ``epoch_<k>`` with ``k >= 1``.
-    """
-    if not isinstance(snapshot, str) or not _SNAPSHOT_RE.match(snapshot):
-        raise ValueError(f"snapshot must be 'step0', 'final' or 'epoch_<k>' (k >= 1), got {snapshot!r}.")
-    return f"features/{snapshot}{'_encoder' if encoder else ''}.npz"
 
 
 def required_artifacts(regime: str, snapshot: str = "final") -> tuple[str, ...]:
     """Artifacts a run of ``regime`` must have for the analysis at ``snapshot`` (DESIGN.md section 4).
 
     finetune: its own ``step0`` (Phi_pre) and ``snapshot`` (Phi_ft); random: ``step0`` (Phi_rand); scratch:
-    ``snapshot`` (Phi_scratch); all four regimes: ``test/predictions.npz`` for the bootstrap of P.
+    ``snapshot`` (Phi_scratch); specialised: nothing (its ``test_metric`` is its point value). Only the
+    ``head_input`` snapshots are required; other layers and ``test/predictions.npz`` are optional, and what they
+    would give (a distance on that layer, a confidence interval) is reported as missing with the reason.
     """
     if regime == "finetune":
-        return feature_artifact("step0"), feature_artifact(snapshot), PREDICTIONS_ARTIFACT
+        return feature_artifact("step0"), feature_artifact(snapshot)
     if regime == "random":
-        return feature_artifact("step0"), PREDICTIONS_ARTIFACT
+        return (feature_artifact("step0"),)
     if regime == "scratch":
-        return feature_artifact(snapshot), PREDICTIONS_ARTIFACT
+        return (feature_artifact(snapshot),)
     if regime == "specialised":
-        return (PREDICTIONS_ARTIFACT,)
+        return ()
     raise ValueError(f"regime must be one of {USED_REGIMES}, got {regime!r}.")
 
 
@@ -94,16 +98,33 @@ class RunRecord:
         """Latest logged value of metric ``name``, NaN if it was never logged."""
         return float(self.metrics.get(name, math.nan))
 
-    def snapshots(self, encoder: bool = False) -> list[str]:
-        """Snapshot names present under ``features/``, e.g. ``['epoch_2', 'final', 'step0']`` (sorted)."""
-        suffix = "_encoder.npz" if encoder else ".npz"
-        names = []
-        for path in self.artifacts:
-            if path.startswith("features/") and path.endswith(suffix):
-                name = path[len("features/") : -len(suffix)]
-                if _SNAPSHOT_RE.match(name):
-                    names.append(name)
-        return sorted(names)
+    def snapshots(self, layer: str = "head_input") -> list[str]:
+        """Snapshot names of ``layer`` present under ``features/``, e.g. ``['epoch_2', 'final', 'step0']`` (sorted)."""
+        parsed = (parse_feature_artifact(path) for path in self.artifacts)
+        return sorted(p[0] for p in parsed if p is not None and p[1] == layer)
+
+    @property
+    def layer_kinds(self) -> dict[str, str]:
+        """The tag ``layer_kinds`` (JSON ``{layer: kind}``); empty when absent or unreadable (older runs)."""
+        try:
+            kinds = json.loads(self.tags.get(TAG_LAYER_KINDS, "") or "{}")
+        except ValueError:
+            return {}
+        return {str(k): str(v) for k, v in kinds.items()} if isinstance(kinds, dict) else {}
+
+    @property
+    def baseline(self) -> float:
+        """The logged ``baseline_metric`` (the task's strongest trivial baseline), NaN if never logged."""
+        return self.metric(METRIC_BASELINE)
+
+    def beats_baseline(self) -> bool:
+        """Whether ``test_metric`` is strictly better than ``baseline_metric`` in the task's direction (False when
+        either is missing: check :attr:`baseline` first to tell "no baseline" from "did not beat it")."""
+        p, b = self.metric(METRIC_TEST), self.baseline
+        if not (math.isfinite(p) and math.isfinite(b)):
+            return False
+        task = TASKS.get(self.task)
+        return p > b if task is None or task.higher_is_better else p < b
 
 
 @dataclass(frozen=True)
@@ -136,7 +157,7 @@ class Selection:
         return sorted({k[1] for k in self.runs})
 
     def rows(self) -> list[dict[str, Any]]:
-        """One row per selected run (ids, tags, test metric), in key order: the report's and CSV's run table."""
+        """One row per selected run (ids, tags, test metric beside its baseline), in key order: the run table."""
         return [
             {
                 "run_id": r.run_id,
@@ -146,7 +167,13 @@ class Selection:
                 "regime": r.regime,
                 "seed": r.seed,
                 **{t: r.tags.get(t, "") for t in ("profile", "bundle", "bundle_version", "git_commit")},
-                "test_metric": r.metric("test_metric"),
+                "test_metric": r.metric(METRIC_TEST),
+                "baseline_metric": r.baseline,
+                "baseline_name": r.tags.get(TAG_BASELINE, ""),
+                "beats_baseline": ("yes" if r.beats_baseline() else "no") if math.isfinite(r.baseline) else "",
+                "test_auc": r.metric(METRIC_TEST_AUC),
+                "test_dice_all": r.metric(METRIC_TEST_DICE_ALL),
+                "test_fp_volume_ml": r.metric(METRIC_TEST_FP_VOLUME),
             }
             for _, r in sorted(self.runs.items())
         ]
@@ -159,7 +186,7 @@ class Selection:
 def _list_artifacts(client: Any, run_id: str) -> frozenset[str]:
     """Paths of the run's files under ``features/`` and ``test/`` (two directory listings, no download)."""
     paths = set()
-    for folder in ("features", "test"):
+    for folder in (FEATURES_DIR, PREDICTIONS_ARTIFACT.split("/")[0]):
         try:
             infos = client.list_artifacts(run_id, folder)
         except Exception:  # an unreachable artifact store reads as 'no artifacts', reported by the selection
@@ -265,21 +292,28 @@ def select_runs(records: list[RunRecord], snapshot: str = "final") -> Selection:
 
 @dataclass(frozen=True)
 class FeatureSnapshot:
-    """``features`` ``(N, d)`` float, ``ids`` ``N`` image ids, ``layer`` the layer the features were taken from."""
+    """``features`` ``(N, d)`` float, ``ids`` ``N`` image ids, ``layer`` the recorded layer (a name of
+    :data:`common.contract.LAYERS`) and ``kind`` what sort of layer it is (:data:`common.contract.LAYER_KINDS`;
+    ``""`` when the run did not say)."""
 
     features: np.ndarray
     ids: list[str]
     layer: str
+    kind: str = ""
 
 
 @dataclass(frozen=True)
 class Predictions:
-    """Per-image test results: ``per_image`` ``(N,)`` metric values, or ``scores`` ``(N, K)`` and ``labels``."""
+    """Per-image test results: ``per_image`` ``(N,)`` metric values (NaN where the metric does not count the
+    image), or ``scores`` ``(N, K)`` and ``labels``; the trivial baseline's ``baseline_per_image`` or
+    ``baseline_scores`` beside them when the run wrote them (None for older runs)."""
 
     ids: list[str]
     per_image: np.ndarray | None = None
     scores: np.ndarray | None = None
     labels: np.ndarray | None = None
+    baseline_per_image: np.ndarray | None = None
+    baseline_scores: np.ndarray | None = None
 
 
 def _download(client: Any, run_id: str, path: str, cache_dir: str | Path | None) -> Path:
@@ -295,28 +329,31 @@ def _download(client: Any, run_id: str, path: str, cache_dir: str | Path | None)
 
 
 def load_features(
-    client: Any, run_id: str, snapshot: str, cache_dir: str | Path | None = None, encoder: bool = False
+    client: Any, run_id: str, snapshot: str, cache_dir: str | Path | None = None, layer: str = "head_input"
 ) -> FeatureSnapshot:
-    """Load ``features/<snapshot>[_encoder].npz`` of a run: keys ``features`` ``(N, d)``, ``ids`` ``(N,)``, ``layer``.
+    """Load ``features/<snapshot><suffix>.npz`` of ``layer``: keys ``features`` ``(N, d)``, ``ids`` ``(N,)``,
+    ``layer`` and ``kind`` (the last two optional; ``layer`` defaults to the one asked for, ``kind`` to ``""``).
 
     Raises:
         ValueError: if the file lacks a key or ``features`` is not 2-D with one row per id.
     """
-    path = _download(client, run_id, feature_artifact(snapshot, encoder), cache_dir)
+    path = _download(client, run_id, feature_artifact(snapshot, layer), cache_dir)
     with np.load(path, allow_pickle=False) as data:
         missing = [k for k in ("features", "ids") if k not in data.files]
         if missing:
             raise ValueError(f"{path.name} of run {run_id} lacks key(s) {missing}.")
         features = np.asarray(data["features"], dtype=np.float64)
         ids = [str(i) for i in data["ids"].tolist()]
-        layer = str(data["layer"]) if "layer" in data.files else ""
+        stored_layer = str(data["layer"]) if "layer" in data.files else layer
+        kind = str(data["kind"]) if "kind" in data.files else ""
     if features.ndim != 2 or features.shape[0] != len(ids):
         raise ValueError(f"{path.name} of run {run_id}: features {features.shape} do not match {len(ids)} ids.")
-    return FeatureSnapshot(features=features, ids=ids, layer=layer)
+    return FeatureSnapshot(features=features, ids=ids, layer=stored_layer, kind=kind)
 
 
 def load_predictions(client: Any, run_id: str, cache_dir: str | Path | None = None) -> Predictions:
-    """Load ``test/predictions.npz``: ``ids`` and ``per_image`` ``(N,)``, or ``scores`` ``(N, K)`` and ``labels``.
+    """Load ``test/predictions.npz``: ``ids`` and ``per_image`` ``(N,)``, or ``scores`` ``(N, K)`` and ``labels``;
+    ``baseline_per_image`` / ``baseline_scores`` when present.
 
     Raises:
         ValueError: if neither form is present or the lengths disagree with ``ids``.
@@ -330,7 +367,14 @@ def load_predictions(client: Any, run_id: str, cache_dir: str | Path | None = No
             per_image = np.asarray(data["per_image"], dtype=np.float64)
             if per_image.shape != (len(ids),):
                 raise ValueError(f"predictions of run {run_id}: per_image {per_image.shape} for {len(ids)} ids.")
-            return Predictions(ids=ids, per_image=per_image)
+            baseline = None
+            if "baseline_per_image" in data.files:
+                baseline = np.asarray(data["baseline_per_image"], dtype=np.float64)
+                if baseline.shape != per_image.shape:
+                    raise ValueError(
+                        f"predictions of run {run_id}: baseline_per_image {baseline.shape} for {len(ids)} ids."
+                    )
+            return Predictions(ids=ids, per_image=per_image, baseline_per_image=baseline)
         if "scores" in data.files and "labels" in data.files:
             scores = np.asarray(data["scores"], dtype=np.float64)
             labels = np.asarray(data["labels"]).astype(np.int64)
@@ -338,5 +382,12 @@ def load_predictions(client: Any, run_id: str, cache_dir: str | Path | None = No
                 raise ValueError(
                     f"predictions of run {run_id}: scores {scores.shape} / labels {labels.shape} for {len(ids)} ids."
                 )
-            return Predictions(ids=ids, scores=scores, labels=labels)
+            baseline = None
+            if "baseline_scores" in data.files:
+                baseline = np.asarray(data["baseline_scores"], dtype=np.float64)
+                if baseline.shape != scores.shape:
+                    raise ValueError(
+                        f"predictions of run {run_id}: baseline_scores {baseline.shape}, scores {scores.shape}."
+                    )
+            return Predictions(ids=ids, scores=scores, labels=labels, baseline_scores=baseline)
     raise ValueError(f"predictions of run {run_id} hold neither 'per_image' nor 'scores' + 'labels'.")

@@ -7,6 +7,7 @@ from .data import COHORT_SEED, load_split, resolve_datalist
 from .diffusion import DiffusionLoss, DiffusionSampler, NoisePrepareBatch
 from .downstream import (
     INITS,
+    baseline_data,
     class_weights,
     init_network,
     load_task_split,
@@ -39,6 +40,7 @@ __all__ = [
     "report_evaluation",
     "write_predictions",
     "INITS",
+    "baseline_data",
     "class_weights",
     "init_network",
     "load_task_split",

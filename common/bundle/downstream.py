@@ -25,6 +25,7 @@ from torch import nn
 from common.data.splits import split_ids
 from common.metrics.handlers import BinaryDiceHandler, SpecificityAtSensitivityHandler, SSIM3DHandler
 from common.networks import load_checkpoint
+from common.tasks import get_task
 from common.transforms import task_transforms
 from common.transforms.label import NUM_CLASSES, PiradsToClass
 
@@ -33,6 +34,7 @@ from .engine import atomic_save
 
 __all__ = [
     "INITS",
+    "baseline_data",
     "class_weights",
     "init_network",
     "load_task_split",
@@ -171,34 +173,37 @@ def _argmax_mask(pred: torch.Tensor) -> torch.Tensor:
 
 def test_postprocess(task: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """What :class:`~common.bundle.TestPredictions` applies to a prediction batch before the metric: the argmax
-    mask for segmentation (two-class logits), nothing otherwise (it clamps intensities to [0, 1] itself)."""
-    return _argmax_mask if task == "segmentation" else None
+    mask for a Dice task (two-class logits), nothing otherwise (it clamps intensities to [0, 1] itself)."""
+    return _argmax_mask if get_task(task).metric == "dice" else None
 
 
 test_postprocess.__test__ = False  # a factory, not a pytest test
+
+
+def _segmentation_output(output):
+    pred, label = _pred_label(output)
+    return _argmax_mask(pred), label
+
+
+def _image_output(output):
+    pred, label = _pred_label(output)
+    return pred.float().clamp(0.0, 1.0), label.float()
+
+
+#: the task metric -> (the Ignite handler of the validation evaluator, its output transform)
+_VALIDATION_HANDLERS: dict[str, tuple[type, Callable, dict]] = {
+    "specificity_at_sensitivity": (SpecificityAtSensitivityHandler, _pred_label, {}),
+    "dice": (BinaryDiceHandler, _segmentation_output, {"save_details": False}),
+    "ssim": (SSIM3DHandler, _image_output, {"save_details": False}),
+}
 
 
 def validation_metric(task: str, **kwargs: object):
     """The Ignite handler of ``task``'s metric for the validation evaluator (``decollate=False``), with the output
     transform that post-processes a batch: specificity at sensitivity 0.9 of the PI-RADS >= 3 cut (classification),
     Dice of the argmax mask (segmentation), 3D SSIM of the output clamped to [0, 1] (the image tasks)."""
-    if task == "classification":
-        return SpecificityAtSensitivityHandler(output_transform=_pred_label, **kwargs)
-    if task == "segmentation":
-
-        def seg(output):
-            pred, label = _pred_label(output)
-            return _argmax_mask(pred), label
-
-        return BinaryDiceHandler(output_transform=seg, save_details=False, **kwargs)
-    if task in ("super_resolution", "distortion_correction", "modality_translation"):
-
-        def image(output):
-            pred, label = _pred_label(output)
-            return pred.float().clamp(0.0, 1.0), label.float()
-
-        return SSIM3DHandler(output_transform=image, save_details=False, **kwargs)
-    raise ValueError(f"unknown task {task!r}")
+    handler, transform, defaults = _VALIDATION_HANDLERS[get_task(task).metric]
+    return handler(output_transform=transform, **{**defaults, **kwargs})
 
 
 #: where the modality-translation pipeline puts ``cat([DWI, T2W])`` for the feature snapshots
@@ -206,25 +211,38 @@ SNAPSHOT_INPUT = "snapshot_input"
 
 
 def snapshot_key(task: str) -> str:
-    """The batch entry the feature snapshots feed to ``forward_representations``: the image, except for modality
-    translation, whose DDPM networks see ``cat([DWI, T2W])`` (the clean target at timestep 0, the convention of
-    :class:`~common.networks.ConditionalDiffusionUNet`), so that the FM and the specialised DDPM are compared on the
-    same input."""
-    return SNAPSHOT_INPUT if task == "modality_translation" else "image"
+    """The batch entry the feature snapshots feed to ``forward_representations`` (:attr:`Task.snapshot_key`): the
+    image, except for modality translation, whose DDPM networks see ``cat([DWI, T2W])`` (the clean target at
+    timestep 0, the convention of :class:`~common.networks.ConditionalDiffusionUNet`), so that the FM and the
+    specialised DDPM are compared on the same input."""
+    return get_task(task).snapshot_key
 
 
 def test_transforms(task: str, profile: str, seed: int):
     """The test-split pipeline: ``task_transforms(train=False)`` (degradations drawn per case from ``seed`` and the
-    case id, identical in every run), plus the snapshot input of :func:`snapshot_key` for modality translation."""
+    case id, identical in every run), plus the snapshot input of :func:`snapshot_key` when the task has one."""
     from monai.transforms import Compose, ConcatItemsd
 
     pipeline = task_transforms(task, profile, seed=seed, train=False)
-    if task != "modality_translation":
+    if snapshot_key(task) != SNAPSHOT_INPUT:
         return pipeline
     return Compose([pipeline, ConcatItemsd(keys=["label", "image"], name=SNAPSHOT_INPUT, dim=0)])
 
 
 test_transforms.__test__ = False  # a factory, not a pytest test
+
+
+def baseline_data(task: str, data: Sequence[Mapping[str, object]], profile: str, seed: int):
+    """The training split as the test-mode pipeline gives it (no flips, deterministic degradations), for the
+    baselines fitted on it (:class:`~common.metrics.baselines.TrivialBaselines`); None when the task has none.
+    Items are loaded lazily, one at a time, when the test predictions run."""
+    from monai.data import Dataset
+
+    from common.metrics.baselines import TrivialBaselines
+
+    if not TrivialBaselines(task).needs_fit:
+        return None
+    return Dataset(data, transform=task_transforms(task, profile, seed=seed, train=False))
 
 
 def save_state_dict(model: nn.Module, path: str | os.PathLike) -> None:

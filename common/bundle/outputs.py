@@ -18,7 +18,10 @@ from torch import nn
 from common.networks._state import load_weights, state_dict_problems
 
 from .engine import unwrap_model
-from .snapshots import TASKS, TestPredictions, _evaluating, _plain, _resolve_device, collect_ids
+from common.tasks import get_task
+
+from .engine import plain_tensor
+from .snapshots import TestPredictions, collect_ids, evaluating, resolve_device
 
 __all__ = ["init_distributed", "load_trained", "report_evaluation", "write_predictions"]
 
@@ -54,12 +57,15 @@ def report_evaluation(predictions: TestPredictions, output_dir: str | os.PathLik
     value = predictions.run()
     with np.load(predictions.path) as saved:
         n = len(saved["ids"])
-    result = {"task": predictions.task, "metric": TASKS[predictions.task], "value": value, "n_images": n,
+    metric = predictions.spec.metric
+    result = {"task": predictions.task, "metric": metric, "value": value, "n_images": n,
+              **{k: v for k, v in predictions.metrics.items() if k != "test_metric"},
+              "baselines": predictions.baseline_values, "beats_baseline": predictions.beats_baseline,
               "predictions": os.fspath(predictions.path)}  # fmt: skip
     out = Path(output_dir) / "metrics.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
-    logger.info(f"{predictions.task}: {TASKS[predictions.task]} = {value:.6g} over {n} test images -> {out}")
+    logger.info(f"{predictions.task}: {metric} = {value:.6g} over {n} test images -> {out}")
     return result
 
 
@@ -98,26 +104,25 @@ def write_predictions(
     import nibabel as nib
     from monai.inferers import SimpleInferer
 
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; choose one of {sorted(TASKS)}")
+    spec = get_task(task)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     infer = inferer if inferer is not None else SimpleInferer()
     model = unwrap_model(network)
-    device = _resolve_device(device, model)
+    device = resolve_device(device, model)
     rows: list[list[object]] = []
     n = 0
-    with _evaluating(model, device, amp):
+    with evaluating(model, device, amp):
         for batch in data_loader:
-            image = _plain(batch["image"]).to(device)
+            image = plain_tensor(batch["image"]).to(device)
             ids = collect_ids(batch, "id", image.shape[0])
-            pred = _plain(infer(image, model)).float().cpu()
+            pred = plain_tensor(infer(image, model)).float().cpu()
             for i, case in enumerate(ids):
-                if task == "classification":
+                if spec.classification:
                     probs = torch.softmax(pred[i], dim=0).tolist()
                     rows.append([case, *(f"{p:.6f}" for p in probs), int(np.argmax(probs))])
                     continue
-                if task == "segmentation":
+                if spec.metric == "dice":
                     volume, name = pred[i].argmax(dim=0).numpy().astype(np.uint8), f"{case}_lesion.nii.gz"
                 else:
                     volume, name = pred[i, 0].clamp(0.0, 1.0).numpy().astype(np.float32), f"{case}_pred.nii.gz"
@@ -125,7 +130,7 @@ def write_predictions(
             n += len(ids)
     if n == 0:
         raise ValueError("write_predictions: the data loader is empty")
-    if task == "classification":
+    if spec.classification:
         with open(out / "predictions.csv", "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["id", *(f"p{k}" for k in range(len(rows[0]) - 2)), "class"])

@@ -15,7 +15,9 @@ restore every submodule's train/eval mode afterwards.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import math
 import os
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -25,31 +27,38 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.metrics import compute_dice, compute_specificity_at_sensitivity, compute_ssim_3d
+from common.contract import (
+    LAYERS,
+    METRIC_BASELINE,
+    METRIC_TEST,
+    METRIC_TEST_AUC,
+    METRIC_TEST_DICE_ALL,
+    METRIC_TEST_FP_VOLUME,
+    PREDICTIONS_ARTIFACT,
+    TAG_BASELINE,
+    TAG_LAYER_KINDS,
+    baseline_metric_name,
+    feature_file_name,
+)
+from common.metrics import compute_auc, compute_dice, compute_specificity_at_sensitivity, compute_ssim_3d
+from common.metrics.baselines import TrivialBaselines
+from common.tasks import get_task
 
 from .engine import plain_tensor as _plain
 from .engine import unwrap_model
-from .tracking import _retry
 
-__all__ = ["LAYERS", "TASKS", "FeatureSnapshots", "TestPredictions", "collect_ids"]
+__all__ = ["DICE_CONVENTIONS", "FeatureSnapshots", "TestPredictions", "collect_ids", "evaluating", "resolve_device"]
 
 logger = logging.getLogger(__name__)
 
-#: the layers of ``forward_representations`` that are saved, and the file suffix of each
-LAYERS: dict[str, str] = {"head_input": "", "encoder": "_encoder"}
-#: task id -> the metric whose per-image values (or scores) ``test/predictions.npz`` holds
-TASKS: dict[str, str] = {
-    "classification": "specificity_at_sensitivity",
-    "segmentation": "dice",
-    "super_resolution": "ssim",
-    "distortion_correction": "ssim",
-    "modality_translation": "ssim",
-}
 _METRIC_KWARGS: dict[str, frozenset[str]] = {
     "specificity_at_sensitivity": frozenset({"sensitivity", "positive_class"}),
     "dice": frozenset({"empty_value", "threshold"}),
     "ssim": frozenset({"data_range", "win_size", "sigma", "k1", "k2", "truncate", "compute_dtype"}),
 }
+#: segmentation P: Dice over the lesion cases only (lesion-free cases: NaN in ``per_image``, their false-positive
+#: volume logged beside), or over all cases with an empty prediction of a lesion-free case scoring 1
+DICE_CONVENTIONS: tuple[str, ...] = ("lesion_cases", "all_cases")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -62,7 +71,8 @@ def _is_rank0() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
-def _resolve_device(device: str | torch.device | None, model: nn.Module) -> torch.device:
+def resolve_device(device: str | torch.device | None, model: nn.Module) -> torch.device:
+    """``device``, or where ``model``'s first parameter lives (CPU for a model without parameters)."""
     if device is not None:
         return torch.device(device)
     first = next(iter(model.parameters()), None)
@@ -70,7 +80,7 @@ def _resolve_device(device: str | torch.device | None, model: nn.Module) -> torc
 
 
 @contextlib.contextmanager
-def _evaluating(model: nn.Module, device: torch.device, amp: bool) -> Iterator[None]:
+def evaluating(model: nn.Module, device: torch.device, amp: bool) -> Iterator[None]:
     """Eval mode, ``no_grad`` and (``amp`` on CUDA) bf16 autocast; every submodule's mode is restored after."""
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
@@ -141,8 +151,10 @@ class FeatureSnapshots:
     - ``final``: at ``COMPLETED``. Attach this handler before the tracker so ``final`` is logged before the run is
       marked FINISHED.
 
-    Each file is logged to the tracker's run under ``features`` (``tracker._client.log_artifact``); a file written
-    while the tracker has no run yet is logged at the next snapshot. The network must have
+    Each file also holds ``kind``, what sort of layer it is in this network (``representation_kinds()``, keys of
+    :data:`common.contract.LAYER_KINDS`), and the run gets the tag ``layer_kinds``. Each file is logged to the
+    tracker's run under ``features``; a file written while the tracker has no run yet is logged at the next
+    snapshot. The network must have
     ``forward_representations(x) -> {"head_input": (B, d), "encoder": (B, e)}``; a DDP wrapper is unwrapped. Other
     ranks than 0 skip. ``data_loader`` must iterate the whole test split in a fixed order (no shuffling, no
     distributed sampler): the ids of every snapshot are checked to be the same.
@@ -194,6 +206,7 @@ class FeatureSnapshots:
         self._first_epoch = False
         self._ids: list[str] | None = None
         self._pending: list[Path] = []
+        self._kinds_tagged = False
 
     def attach(self, engine) -> None:
         from ignite.engine import Events
@@ -230,10 +243,10 @@ class FeatureSnapshots:
     def compute(self) -> tuple[list[str], dict[str, np.ndarray]]:
         """Run the test split: ``(ids, {layer: (N, d) float32})`` in the data loader's order, on any rank."""
         model = unwrap_model(self.network)
-        device = _resolve_device(self.device, model)
+        device = resolve_device(self.device, model)
         ids: list[str] = []
         chunks: dict[str, list[np.ndarray]] = {layer: [] for layer in LAYERS}
-        with _evaluating(model, device, self.amp):
+        with evaluating(model, device, self.amp):
             for batch in self.data_loader:
                 image = _plain(batch[self.image_key]).to(device)
                 ids.extend(collect_ids(batch, self.id_key, image.shape[0]))
@@ -250,8 +263,14 @@ class FeatureSnapshots:
         _check_unique(ids)
         return ids, {layer: np.concatenate(values).astype(np.float32) for layer, values in chunks.items()}
 
+    def layer_kinds(self) -> dict[str, str]:
+        """``{layer: kind}`` of the network (``representation_kinds()``; ``""`` where a network does not say)."""
+        kinds = getattr(unwrap_model(self.network), "representation_kinds", None)
+        known = dict(kinds()) if callable(kinds) else {}
+        return {layer: str(known.get(layer, "")) for layer in LAYERS}
+
     def snapshot(self, name: str) -> list[Path]:
-        """Compute and write snapshot ``name`` (both layers), log it to the tracker; the written paths (none off
+        """Compute and write snapshot ``name`` (every layer), log it to the tracker; the written paths (none off
         rank 0)."""
         if not _is_rank0():
             return []
@@ -263,10 +282,12 @@ class FeatureSnapshots:
             )
         self._ids = ids
         self.features_dir.mkdir(parents=True, exist_ok=True)
+        kinds = self.layer_kinds()
         paths = []
-        for layer, suffix in LAYERS.items():
-            path = self.features_dir / f"{name}{suffix}.npz"
-            np.savez(path, features=features[layer], ids=np.asarray(ids, dtype=str), layer=np.asarray(layer))
+        for layer in LAYERS:
+            path = self.features_dir / feature_file_name(name, layer)
+            np.savez(path, features=features[layer], ids=np.asarray(ids, dtype=str), layer=np.asarray(layer),
+                     kind=np.asarray(kinds[layer]))  # fmt: skip
             paths.append(path)
         logger.info(f"FeatureSnapshots: {name} of {len(ids)} test images -> {self.features_dir}")
         self._pending.extend(paths)
@@ -278,11 +299,13 @@ class FeatureSnapshots:
         if tracker is None:
             self._pending = []
             return
-        client, run_id = getattr(tracker, "_client", None), getattr(tracker, "run_id", None)
-        if client is None or run_id is None:
+        if not tracker.active:
             return  # the tracker has not started its run yet: logged with the next snapshot
+        if not self._kinds_tagged:
+            tracker.set_tag(TAG_LAYER_KINDS, json.dumps(self.layer_kinds(), sort_keys=True))
+            self._kinds_tagged = True
         while self._pending:
-            _retry(client.log_artifact, run_id, str(self._pending[0]), "features")
+            tracker.log_artifact(self._pending[0], "features")
             self._pending.pop(0)
 
 
@@ -306,20 +329,30 @@ def _class_labels(label: torch.Tensor, n: int, k: int) -> np.ndarray:
 
 
 class TestPredictions:
-    """Run the test split once: write ``test/predictions.npz``, log P as ``test_metric`` (paper section 3.1).
+    """Run the test split once: write ``test/predictions.npz``, log P as ``test_metric`` beside the task's trivial
+    baselines (paper section 3.1, DESIGN.md section 2).
 
-    The prediction of a batch is ``postprocess(inferer(image, network))`` (``postprocess`` optional). Per task:
+    The prediction of a batch is ``postprocess(inferer(image, network))`` (``postprocess`` optional). The task's
+    metric (:mod:`common.tasks`):
 
-    - ``segmentation``: ``(B, C, H, W, D)`` logits (C >= 2: argmax != 0 is lesion; C = 1: ``> threshold``) vs the
-      ``(B, 1, H, W, D)`` lesion mask, Dice per image by :func:`~common.metrics.compute_dice` (both empty -> 1.0);
-      the npz holds ``per_image`` ``(N,)`` and P is its mean.
-    - ``super_resolution``, ``distortion_correction``, ``modality_translation``: the ``(B, C, H, W, D)`` image
-      clipped to [0, 1] vs the target image, SSIM per image by :func:`~common.metrics.compute_ssim_3d`;
-      ``per_image`` and its mean as above.
-    - ``classification``: ``(B, K)`` logits -> ``scores`` ``(N, K)`` softmax probabilities and ``labels`` ``(N,)``;
-      P is the specificity at sensitivity 0.9 of the cut ``class >= 1`` scored by ``sum(scores[:, 1:])``
-      (:func:`~common.metrics.compute_specificity_at_sensitivity`), recomputed from the saved arrays exactly as the
-      analysis does.
+    - ``dice`` (segmentation): ``(B, C, H, W, D)`` logits (C >= 2: argmax != 0 is lesion; C = 1: ``> threshold``)
+      vs the ``(B, 1, H, W, D)`` lesion mask, Dice per image by :func:`~common.metrics.compute_dice`. With
+      ``dice_convention="lesion_cases"`` (default) P is the mean over the cases that have a lesion (``per_image`` is
+      NaN for the others) and the predicted lesion volume on the lesion-free cases is logged beside it
+      (``test_fp_volume_ml``); ``"all_cases"`` scores an empty prediction of a lesion-free case 1 and averages
+      over all cases (``test_dice_all``, logged under either convention).
+    - ``ssim`` (the image tasks): the ``(B, C, H, W, D)`` image clipped to [0, 1] vs the target image, SSIM per
+      image by :func:`~common.metrics.compute_ssim_3d`; ``per_image`` and its mean.
+    - ``specificity_at_sensitivity`` (classification): ``(B, K)`` logits -> ``scores`` ``(N, K)`` softmax
+      probabilities and ``labels`` ``(N,)``; P is the specificity at sensitivity 0.9 of the cut ``class >= 1`` scored
+      by ``sum(scores[:, 1:])`` (:func:`~common.metrics.compute_specificity_at_sensitivity`); its AUC is logged as
+      ``test_auc``.
+
+    Each of the task's trivial baselines (:class:`~common.metrics.baselines.TrivialBaselines`) is scored on the same
+    batches with the same metric code and post-processing: ``baseline_metric_<name>`` for each, ``baseline_metric``
+    and tag ``baseline_name`` for the best, and its per-image values (``baseline_per_image``) or scores
+    (``baseline_scores``) in the npz. Baselines fitted on the training split (modality translation) need
+    ``baseline_data``.
 
     ``ids`` ``(N,)`` str are saved too. Rank 0 only (other ranks return nan); the network is DDP-unwrapped and put
     in eval mode. As a handler (``attach``) it runs at the engine's ``COMPLETED``: attach it before the tracker so
@@ -328,7 +361,7 @@ class TestPredictions:
     Args:
         data_loader: the test split, items with ``image_key``, ``label_key`` and ``id_key``.
         network: the trained network (or its DDP wrapper).
-        task: a key of :data:`TASKS`.
+        task: a registered task id (:data:`common.tasks.TASKS`).
         tracker: a :class:`~common.bundle.tracking.StudyTracker` with a started run, or None. Default None.
         inferer: ``inferer(image, network) -> prediction``; None is ``monai.inferers.SimpleInferer()``. The
             diffusion sampler of modality translation plugs in here. Default None.
@@ -337,13 +370,17 @@ class TestPredictions:
         output_dir: the run's output folder; None uses ``tracker.output_dir``. Default None.
         postprocess: callable applied to each batch's prediction before the metric. Default None.
         image_key, label_key, id_key: batch entries. Defaults ``"image"``, ``"label"``, ``"id"``.
+        baseline_data: training items (or batches) ``{image_key, label_key}`` as the test-mode pipeline gives them,
+            to fit the baselines that need the training split; None skips those baselines. Default None.
+        baselines: False scores no baseline. Default True.
+        dice_convention: one of :data:`DICE_CONVENTIONS`. Default ``"lesion_cases"``.
         **metric_kwargs: passed to the task metric: ``sensitivity``, ``positive_class`` (classification; the
             contract's values 0.9 and 1 are the defaults), ``empty_value``, ``threshold`` (Dice), ``data_range``,
             ``win_size``, ``sigma``, ``k1``, ``k2``, ``truncate``, ``compute_dtype`` (SSIM).
 
     Raises:
-        ValueError: on an unknown task or metric keyword, no output folder, a non-callable postprocess, and (when
-            run) duplicated ids or predictions of the wrong shape.
+        ValueError: on an unknown task, metric keyword or Dice convention, no output folder, a non-callable
+            postprocess, and (when run) duplicated ids or predictions of the wrong shape.
     """
 
     __test__ = False  # not a pytest test class despite its name
@@ -362,23 +399,31 @@ class TestPredictions:
         image_key: str = "image",
         label_key: str = "label",
         id_key: str = "id",
+        baseline_data: Iterable[Mapping[str, object]] | None = None,
+        baselines: bool = True,
+        dice_convention: str = "lesion_cases",
         **metric_kwargs: object,
     ) -> None:
-        if task not in TASKS:
-            raise ValueError(f"TestPredictions: unknown task {task!r}; choose one of {list(TASKS)}.")
-        allowed = _METRIC_KWARGS[TASKS[task]]
+        try:
+            spec = get_task(task)
+        except ValueError as err:
+            raise ValueError(f"TestPredictions: {err}.") from None
+        allowed = _METRIC_KWARGS[spec.metric]
         unknown = sorted(set(metric_kwargs) - allowed)
         if unknown:
             raise ValueError(f"TestPredictions: {unknown} are not options of the {task} metric; use {sorted(allowed)}.")
         if postprocess is not None and not callable(postprocess):
             raise ValueError("TestPredictions: postprocess must be callable.")
+        if dice_convention not in DICE_CONVENTIONS:
+            raise ValueError(f"TestPredictions: dice_convention must be one of {DICE_CONVENTIONS}, not {dice_convention!r}")
         if inferer is None:
             from monai.inferers import SimpleInferer
 
             inferer = SimpleInferer()
         self.data_loader = data_loader
         self.network = network
-        self.task = task
+        self.task = spec.id
+        self.spec = spec
         self.tracker = tracker
         self.inferer = inferer
         self.device = device
@@ -388,12 +433,17 @@ class TestPredictions:
         self.image_key = image_key
         self.label_key = label_key
         self.id_key = id_key
+        self.baseline_data = baseline_data
+        self.use_baselines = bool(baselines)
+        self.dice_convention = dice_convention
         self.metric_kwargs = dict(metric_kwargs)
         self.value: float | None = None
+        self.metrics: dict[str, float] = {}
+        self.baseline_values: dict[str, float] = {}
 
     @property
     def path(self) -> Path:
-        return self.output_dir / "test" / "predictions.npz"
+        return self.output_dir / PREDICTIONS_ARTIFACT
 
     def attach(self, engine) -> None:
         from ignite.engine import Events
@@ -403,71 +453,157 @@ class TestPredictions:
     def __call__(self, engine=None) -> None:
         self.run()
 
-    def _batch_values(self, pred: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-        """Dense tasks: ``(B, C, H, W, D)`` prediction and target -> ``(B,)`` per-image metric."""
+    def _batch_values(self, pred: torch.Tensor, label: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Dense tasks: ``(B, C, H, W, D)`` prediction and target -> ``{"per_image": (B,), ...}`` per-image values
+        (segmentation adds ``dice_all`` and ``fp_voxels``)."""
         if pred.ndim != 5:
             raise ValueError(f"{self.task}: the prediction must be (B, C, H, W, D), got {tuple(pred.shape)}.")
-        if TASKS[self.task] == "dice":
-            return compute_dice(pred, label, **self.metric_kwargs)
-        return compute_ssim_3d(pred.float().clamp(0.0, 1.0), label.float(), **self.metric_kwargs)
+        if self.spec.metric != "dice":
+            return {"per_image": compute_ssim_3d(pred.float().clamp(0.0, 1.0), label.float(), **self.metric_kwargs)}
+        dice_all = compute_dice(pred, label, **self.metric_kwargs)
+        threshold = self.metric_kwargs.get("threshold", 0.5)
+        predicted = (pred[:, 1:].sum(dim=1) > 0) if pred.shape[1] >= 2 else (pred[:, 0] > threshold)
+        lesion = label.reshape(label.shape[0], -1).sum(dim=1) > 0
+        per_image = dice_all if self.dice_convention == "all_cases" else torch.where(lesion, dice_all, math.nan)
+        fp = torch.where(lesion, 0.0, predicted.reshape(pred.shape[0], -1).sum(dim=1).double())
+        return {"per_image": per_image, "dice_all": dice_all, "fp_voxels": torch.where(lesion, math.nan, fp)}
+
+    def _baselines(self) -> TrivialBaselines | None:
+        if not self.use_baselines:
+            return None
+        baselines = TrivialBaselines(self.spec)
+        if baselines.needs_fit:
+            if self.baseline_data is None:
+                logger.warning(f"TestPredictions: no baseline_data, so the {self.task} baselines are not scored")
+                return None
+            baselines.fit(self.baseline_data, self.image_key, self.label_key)
+        return baselines
 
     def run(self) -> float:
-        """Predict the test split, write ``test/predictions.npz``, log ``test_metric`` and the file; return P."""
+        """Predict the test split, write ``test/predictions.npz``, log ``test_metric``, the baselines and the file;
+        return P."""
         if not _is_rank0():
             return float("nan")
         tracker = self.tracker
-        if tracker is not None and (getattr(tracker, "_client", None) is None or tracker.run_id is None):
+        if tracker is not None and not tracker.active:
             raise RuntimeError(
                 "TestPredictions: the tracker has no MLflow run yet; run it after the tracker's engine started."
             )
         model = unwrap_model(self.network)
-        device = _resolve_device(self.device, model)
+        device = resolve_device(self.device, model)
+        baselines = self._baselines()
+        names = baselines.names if baselines is not None else ()
         ids: list[str] = []
-        values: list[np.ndarray] = []
-        labels: list[np.ndarray] = []
-        with _evaluating(model, device, self.amp):
+        values: dict[str, list[np.ndarray]] = {}
+        voxel_ml: list[float] = []
+        with evaluating(model, device, self.amp):
             for batch in self.data_loader:
                 image = _plain(batch[self.image_key]).to(device)
                 ids.extend(collect_ids(batch, self.id_key, image.shape[0]))
-                pred = self.inferer(image, model)
-                if self.postprocess is not None:
-                    pred = self.postprocess(pred)
-                pred = _plain(pred)
                 if self.label_key not in batch:
                     raise ValueError(f"TestPredictions: the batch has no {self.label_key!r} entry.")
-                label = _plain(batch[self.label_key])
-                if self.task == "classification":
-                    if pred.ndim != 2 or pred.shape[0] != image.shape[0] or pred.shape[1] < 2:
-                        raise ValueError(f"classification: the prediction must be (B, K) logits, got {pred.shape}.")
-                    values.append(torch.softmax(pred.detach().double(), dim=1).cpu().numpy())
-                    labels.append(_class_labels(label, pred.shape[0], pred.shape[1]))
-                else:
-                    values.append(self._batch_values(pred, label.to(device)).detach().double().cpu().numpy())
+                label = batch[self.label_key]
+                voxel_ml += [_voxel_ml(label, i) for i in range(image.shape[0])]
+                label = _plain(label)
+                preds = {"": self.inferer(image, model)}
+                for name in names:
+                    preds[name] = baselines.predict(name, image, target_shape=label.shape[2:])
+                for name, pred in preds.items():
+                    if self.postprocess is not None and not name:  # baselines come ready for the metric
+                        pred = self.postprocess(pred)
+                    prefix = f"baseline_{name}_" if name else ""
+                    for key, value in self._values(_plain(pred), label, device).items():
+                        values.setdefault(prefix + key, []).append(value)
         if not ids:
             raise ValueError("TestPredictions: the test data loader is empty.")
         _check_unique(ids)
-        arrays: dict[str, np.ndarray] = {"ids": np.asarray(ids, dtype=str)}
-        if self.task == "classification":
-            arrays["scores"] = np.concatenate(values)
-            arrays["labels"] = np.concatenate(labels)
-            self.value = self._specificity(arrays["scores"], arrays["labels"])
-        else:
-            arrays["per_image"] = np.concatenate(values)
-            self.value = float(arrays["per_image"].mean())
+        arrays = {"ids": np.asarray(ids, dtype=str), **{k: np.concatenate(v) for k, v in values.items()}}
+        self.value = self._performance(arrays, "")
+        self.metrics = {METRIC_TEST: self.value}
+        if self.spec.classification:
+            self.metrics[METRIC_TEST_AUC] = self._auc(arrays["scores"], arrays["labels"])
+        if self.spec.metric == "dice":
+            self.metrics[METRIC_TEST_DICE_ALL] = float(arrays.pop("dice_all").mean())
+            fp_ml = arrays.pop("fp_voxels") * np.asarray(voxel_ml)
+            self.metrics[METRIC_TEST_FP_VOLUME] = float(np.nanmean(fp_ml)) if np.isfinite(fp_ml).any() else math.nan
+        self.baseline_values = {name: self._performance(arrays, f"baseline_{name}_") for name in names}
+        best = self._best_baseline()
+        if best is not None:
+            key = "scores" if self.spec.classification else "per_image"
+            arrays[f"baseline_{key}"] = arrays[f"baseline_{best}_{key}"]
+            self.metrics[METRIC_BASELINE] = self.baseline_values[best]
+        for name in names:  # only the best baseline's arrays are kept
+            for key in [k for k in arrays if k.startswith(f"baseline_{name}_")]:
+                del arrays[key]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         np.savez(self.path, **arrays)
-        logger.info(f"TestPredictions: {self.task} P = {self.value:.6g} over {len(ids)} test images -> {self.path}")
+        shown = f", baseline {best} = {self.baseline_values[best]:.6g}" if best is not None else ""
+        logger.info(f"TestPredictions: {self.task} P = {self.value:.6g}{shown} over {len(ids)} images -> {self.path}")
+        if best is not None and not self.beats_baseline:
+            logger.warning(f"TestPredictions: {self.task} P = {self.value:.6g} does not beat the trivial baseline")
         if tracker is not None:
-            _retry(tracker._client.log_metric, tracker.run_id, "test_metric", self.value, step=0)
-            _retry(tracker._client.log_artifact, tracker.run_id, str(self.path), "test")
+            for key, value in self.metrics.items():
+                tracker.log_metric(key, value)
+            for name, value in self.baseline_values.items():
+                tracker.log_metric(baseline_metric_name(name), value)
+            if best is not None:
+                tracker.set_tag(TAG_BASELINE, best)
+            tracker.log_artifact(self.path, "test")
         return self.value
 
-    def _specificity(self, scores: np.ndarray, labels: np.ndarray) -> float:
+    def _values(self, pred: torch.Tensor, label: torch.Tensor, device: torch.device) -> dict[str, np.ndarray]:
+        """One batch's arrays: ``scores`` and ``labels`` (classification) or the per-image values."""
+        if self.spec.classification:
+            if pred.ndim != 2 or pred.shape[0] != label.shape[0] or pred.shape[1] < 2:
+                raise ValueError(f"classification: the prediction must be (B, K) logits, got {tuple(pred.shape)}.")
+            return {"scores": torch.softmax(pred.detach().double(), dim=1).cpu().numpy(),
+                    "labels": _class_labels(label, pred.shape[0], pred.shape[1])}  # fmt: skip
+        out = self._batch_values(pred, label.to(device))
+        return {k: v.detach().double().cpu().numpy() for k, v in out.items()}
+
+    def _performance(self, arrays: Mapping[str, np.ndarray], prefix: str) -> float:
+        """P from the arrays under ``prefix``: the classification metric of the scores, or the mean of the counted
+        images (NaN when none counts)."""
+        if self.spec.classification:
+            return self._specificity(arrays[f"{prefix}scores"], arrays["labels"])
+        per_image = arrays[f"{prefix}per_image"]
+        return float(np.nanmean(per_image)) if np.isfinite(per_image).any() else math.nan
+
+    def _best_baseline(self) -> str | None:
+        finite = {k: v for k, v in self.baseline_values.items() if math.isfinite(v)}
+        if not finite:
+            return None
+        pick = max if self.spec.higher_is_better else min
+        return pick(finite, key=finite.get)
+
+    @property
+    def beats_baseline(self) -> bool:
+        """True when P is strictly better than the best trivial baseline (after :meth:`run`)."""
+        best = self._best_baseline()
+        if best is None or self.value is None or not math.isfinite(self.value):
+            return False
+        margin = self.value - self.baseline_values[best]
+        return margin > 0 if self.spec.higher_is_better else margin < 0
+
+    def _positive(self, scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         positive_class = int(self.metric_kwargs.get("positive_class", 1))
         if not 1 <= positive_class < scores.shape[1]:
             raise ValueError(f"positive_class must be in [1, {scores.shape[1] - 1}], got {positive_class}.")
-        return compute_specificity_at_sensitivity(
-            scores[:, positive_class:].sum(axis=1),
-            (labels >= positive_class).astype(np.float64),
-            float(self.metric_kwargs.get("sensitivity", 0.9)),
-        )
+        return scores[:, positive_class:].sum(axis=1), (labels >= positive_class).astype(np.float64)
+
+    def _specificity(self, scores: np.ndarray, labels: np.ndarray) -> float:
+        score, positive = self._positive(scores, labels)
+        return compute_specificity_at_sensitivity(score, positive, float(self.metric_kwargs.get("sensitivity", 0.9)))
+
+    def _auc(self, scores: np.ndarray, labels: np.ndarray) -> float:
+        return compute_auc(*self._positive(scores, labels))
+
+
+def _voxel_ml(label: object, index: int) -> float:
+    """Volume of one voxel of item ``index`` in ml, from the label's affine (1 mm^3 when it has none)."""
+    affine = getattr(label, "affine", None)
+    if affine is None:
+        return 1e-3
+    affine = torch.as_tensor(affine).double()
+    affine = affine[index] if affine.ndim == 3 else affine
+    return float(torch.linalg.det(affine[:3, :3]).abs()) * 1e-3

@@ -280,8 +280,32 @@ class StudyTracker:
         for key, value in _loss_components(engine.state.output).items():
             self._terms.setdefault(key, []).append(value)
 
-    def _log(self, key: str, value: float, step: int) -> None:
+    @property
+    def active(self) -> bool:
+        """True once the tracker has created or resumed its MLflow run (after the engine's ``STARTED``)."""
+        return self._client is not None and self.run_id is not None
+
+    def _require_run(self, what: str) -> None:
+        if not self.active:
+            raise RuntimeError(f"StudyTracker: cannot {what} before the run started (attach it to the trainer).")
+
+    def log_metric(self, key: str, value: float, step: int = 0) -> None:
+        """Log metric ``key`` of the run (retried while the store is locked)."""
+        self._require_run(f"log metric {key!r}")
         _retry(self._client.log_metric, self.run_id, key, float(value), step=int(step))
+
+    def log_artifact(self, path: str | os.PathLike, folder: str | None = None) -> None:
+        """Log the file ``path`` under the run's artifact ``folder``."""
+        self._require_run(f"log {os.fspath(path)!r}")
+        _retry(self._client.log_artifact, self.run_id, os.fspath(path), folder)
+
+    def set_tag(self, key: str, value: object) -> None:
+        """Set tag ``key`` of the run to ``str(value)``."""
+        self._require_run(f"set tag {key!r}")
+        _retry(self._client.set_tag, self.run_id, key, str(value))
+
+    def _log(self, key: str, value: float, step: int) -> None:
+        self.log_metric(key, value, step)
 
     def epoch_completed(self, engine) -> None:
         epoch = engine.state.epoch

@@ -6,15 +6,19 @@
   model with slice-position tokens and its heads, DINOv2 hub / official checkpoint conversion, finetune freezing.
 - Specialised task models (:mod:`.specialised`, :mod:`.transunet`): MONAI's 3D ResNet-50, UNet, ViTAutoEnc and
   DiffusionModelUNet with the representation contract, and a 3D TransUNet for super-resolution.
+- :class:`ResidualRestoration` (:mod:`.restoration`): super-resolution and distortion correction as a correction of
+  the trivial baseline through a zero-initialised full-resolution refinement (a deviation from the paper, DESIGN.md
+  section 2).
 - :func:`load_checkpoint`: one loader for every format (:mod:`.checkpoint`).
 
 Every study model has ``forward_representations(x) -> {"head_input": (B, d), "encoder": (B, e)}``, the pooled
-representations the alignment analysis compares (paper section 3.2).
+representations the alignment analysis compares (paper section 3.2), and ``representation_kinds() -> {"head_input":
+kind, "encoder": kind}`` naming what sort of layer each is (``common.contract.LAYER_KINDS``).
 """
 
 from __future__ import annotations
 
-from .blocks import GRN, ConvNeXtV2Block, LayerNormChannelsFirst
+from .blocks import GRN, ConvNeXtV2Block, FullResolutionRefinement, LayerNormChannelsFirst
 from .checkpoint import CHECKPOINT_FORMATS, detect_checkpoint_format, load_checkpoint, read_checkpoint
 from .conditioning import FINAL_LAYERS, TimestepConditioned, final_layer_name
 from .decoders import UnetrDecoder3d, UperNetDecoder3d
@@ -54,6 +58,7 @@ from .provicnet import (
     load_provicnet_checkpoint,
     neighbour_slice_indices,
 )
+from .restoration import ResidualRestoration
 from .specialised import (
     SPECIALISED_MODELS,
     ConditionalDiffusionUNet,
@@ -80,6 +85,7 @@ __all__ = [
     "ConvNeXtV2Block",
     "ConvUpsampleHead",
     "DinoVisionTransformer",
+    "FullResolutionRefinement",
     "LayerNormChannelsFirst",
     "MLPHead",
     "ProFoundClassifier",
@@ -90,6 +96,7 @@ __all__ = [
     "ProViCNetClassifier",
     "ProViCNetDense",
     "ProViCNetSuperRes",
+    "ResidualRestoration",
     "SubpixelUpsample3dHead",
     "TimestepConditioned",
     "UnetrDecoder3d",

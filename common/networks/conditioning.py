@@ -16,6 +16,7 @@ import torch
 from monai.networks.nets.diffusion_model_unet import get_timestep_embedding
 from torch import nn
 
+from .blocks.refinement import FullResolutionRefinement
 from .profound import ProFoundDense
 from .provicnet import ProViCNetDense
 
@@ -69,6 +70,15 @@ class TimestepConditioned(nn.Module):
     b) each volume's scale and shift are repeated over its D slices; for 3D maps they broadcast over space; for a
     Linear final layer over all but the last (channel) axis.
 
+    Full-resolution path (``refine_channels > 0``; off by default, on in the modality-translation bundles): the FM
+    dense heads predict at stride 4 (UperNet) or at the patch grid (ProViCNet) and resize, so a
+    :class:`~common.networks.blocks.FullResolutionRefinement` at the input resolution reads ``cat[x_t, T2W,
+    network output]`` and the timestep embedding (added to its first hidden layer) and adds its output:
+    ``eps_theta = network(x) + refine(cat[x, network(x)], sinusoidal(t))``. It is not a residual over the input (the
+    output is noise); its last layer is zero-initialised, so at initialisation the output is still exactly the wrapped
+    network's. It sits outside :attr:`network`, so it trains under the freezing protocols. A deviation from the paper,
+    which does not describe its FM denoisers (DESIGN.md section 2).
+
     Args:
         network: the dense network, ``(B, C_in, H, W, D) -> (B, C_out, H, W, D)`` with ``C_in`` = noisy DWI + T2W
             channels (2). Kept as :attr:`network`: checkpoints load into and freezing applies to it.
@@ -78,6 +88,9 @@ class TimestepConditioned(nn.Module):
         embed_dim: width of the sinusoidal embedding and of the MLP's hidden layer. Default 128.
         representation_timestep: kept for config parity with :class:`~common.networks.ConditionalDiffusionUNet`;
             the representations here do not depend on t (see :meth:`forward_representations`). Default 0.
+        in_channels: ``C_in``, read by the refinement (unused without it). Default 2 (noisy DWI, T2W).
+        refine_channels: width of the full-resolution refinement's hidden layers; 0 builds none. Default 0.
+        refine_layers: hidden 3x3x3 convolutions of the refinement before its zero-initialised one. Default 2.
 
     Shapes: ``forward``: ``(B, C_in, H, W, D)``, timesteps ``(B,)``, ``(1,)`` or scalar (broadcast) ->
     ``(B, C_out, H, W, D)``; ``forward_representations``: as the wrapped network's.
@@ -93,6 +106,9 @@ class TimestepConditioned(nn.Module):
         num_train_timesteps: int = 1000,
         embed_dim: int = 128,
         representation_timestep: int = 0,
+        in_channels: int = 2,
+        refine_channels: int = 0,
+        refine_layers: int = 2,
     ) -> None:
         super().__init__()
         if not isinstance(network, nn.Module):
@@ -106,6 +122,11 @@ class TimestepConditioned(nn.Module):
             raise ValueError(
                 f"TimestepConditioned: representation_timestep must be in [0, {num_train_timesteps}), got "
                 f"{representation_timestep}."
+            )
+        if in_channels < 1 or refine_channels < 0 or refine_layers < 1:
+            raise ValueError(
+                "TimestepConditioned: in_channels and refine_layers must be >= 1 and refine_channels >= 0, got "
+                f"{in_channels}, {refine_layers}, {refine_channels}."
             )
         name = final_layer_name(network) if final_layer is None else final_layer
         try:
@@ -131,6 +152,13 @@ class TimestepConditioned(nn.Module):
         )
         nn.init.zeros_(self.time_mlp[-1].weight)
         nn.init.zeros_(self.time_mlp[-1].bias)
+        self.in_channels = in_channels
+        out_channels = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+        self.refine: FullResolutionRefinement | None = None
+        if refine_channels > 0:
+            self.refine = FullResolutionRefinement(
+                in_channels + out_channels, out_channels, refine_channels, refine_layers, cond_channels=embed_dim
+            )
         self._film: tuple[torch.Tensor, torch.Tensor] | None = None  # (scale, shift), each (B, C), during forward
         layer.register_forward_pre_hook(self._modulate)
 
@@ -176,13 +204,18 @@ class TimestepConditioned(nn.Module):
         if context is not None:
             raise ValueError("TimestepConditioned: context must be None; condition by concatenation (mode='concat').")
         t = self._timesteps(timesteps, x.shape[0], x.device)
-        film = self.time_mlp(get_timestep_embedding(t, self.embed_dim))  # (B, 2C)
-        scale, shift = film.chunk(2, dim=1)
+        embedding = get_timestep_embedding(t, self.embed_dim)  # (B, embed_dim)
+        scale, shift = self.time_mlp(embedding).chunk(2, dim=1)  # (B, C) each
+        if self.refine is not None and (x.ndim != 5 or x.shape[1] != self.in_channels):
+            raise ValueError(f"TimestepConditioned: expected (B, {self.in_channels}, H, W, D), got {list(x.shape)}.")
         self._film = (scale, shift)
         try:
-            return self.network(x)
+            out = self.network(x)
         finally:
             self._film = None
+        if self.refine is None:
+            return out
+        return out + self.refine(torch.cat([x, out.to(x.dtype)], dim=1), embedding)
 
     def forward_representations(
         self, x: torch.Tensor, timesteps: torch.Tensor | None = None
@@ -195,3 +228,7 @@ class TimestepConditioned(nn.Module):
         modulated input at every t.
         """
         return self.network.forward_representations(x)
+
+    def representation_kinds(self) -> dict[str, str]:
+        """The wrapped network's ``representation_kinds()`` (the recorded layers are its own)."""
+        return self.network.representation_kinds()

@@ -202,6 +202,10 @@ class ProFoundEncoder(nn.Module):
         pooled = self.forward_pooled(x)
         return {"head_input": pooled, "encoder": pooled}
 
+    def representation_kinds(self) -> dict[str, str]:
+        """Both recorded layers are the encoder's pooled output (kinds of ``common.contract.LAYER_KINDS``)."""
+        return {"head_input": "encoder_pooled", "encoder": "encoder_pooled"}
+
 
 def profound_encoder(
     size: str = "tiny", in_channels: int = 3, drop_path_rate: float = 0.0, official_axis_order: bool = True
@@ -339,6 +343,10 @@ class ProFoundDense(_ProFoundModel):
         feature_map = self.decoder.forward_features(xn, self._decoder_inputs(stages))
         return {"head_input": _spatial_mean(feature_map), "encoder": self.encoder.pool(stages[-1])}
 
+    def representation_kinds(self) -> dict[str, str]:
+        """``head_input``: the decoder map before its final conv; ``encoder``: the pooled (finetune: frozen) encoder."""
+        return {"head_input": "decoder_features", "encoder": "encoder_pooled"}
+
 
 class ProFoundClassifier(_ProFoundModel):
     """ProFound encoder with an MLP head on its pooled features (classification, paper section 2.2).
@@ -383,6 +391,10 @@ class ProFoundClassifier(_ProFoundModel):
         self._check_input(x)
         pooled = self.encoder.forward_pooled(x)
         return {"head_input": self.head.forward_features(pooled), "encoder": pooled}
+
+    def representation_kinds(self) -> dict[str, str]:
+        """``head_input``: the MLP head's hidden layer; ``encoder``: the pooled encoder (frozen in finetune)."""
+        return {"head_input": "mlp_hidden", "encoder": "encoder_pooled"}
 
 
 class ProFoundSuperRes(_ProFoundModel):
@@ -464,6 +476,10 @@ class ProFoundSuperRes(_ProFoundModel):
         head's input and the encoder's pooled output."""
         head_input, stage4 = self._head_input(x)
         return {"head_input": _spatial_mean(head_input), "encoder": self.encoder.pool(stage4)}
+
+    def representation_kinds(self) -> dict[str, str]:
+        """``head_input``: the decoder output the sub-pixel head reads; ``encoder``: the pooled encoder."""
+        return {"head_input": "decoder_features", "encoder": "encoder_pooled"}
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -454,6 +454,10 @@ class ProViCNetDense(_ProViCNetVolume):
         reps = {"head_input": _slice_mean(hidden.mean(dim=(2, 3)), b), "encoder": _slice_mean(cls, b)}
         return y, reps
 
+    def representation_kinds(self) -> dict[str, str]:
+        """``head_input``: the conv head's last-layer input; ``encoder``: the mean cls token (trainable blocks)."""
+        return {"head_input": "conv_head_input", "encoder": "backbone_pooled"}
+
 
 class ProViCNetClassifier(_ProViCNetVolume):
     """ProViCNet for volume classification: ``(B, M, H, W, D) -> (B, K)`` logits.
@@ -520,6 +524,10 @@ class ProViCNetClassifier(_ProViCNetVolume):
         pooled = _slice_mean(cls, x.shape[0])  # (B, E)
         hidden = self.head.forward_features(pooled)
         return self.head[-1](hidden), {"head_input": hidden, "encoder": pooled}
+
+    def representation_kinds(self) -> dict[str, str]:
+        """``head_input``: the MLP head's last hidden layer; ``encoder``: the mean cls token (trainable blocks)."""
+        return {"head_input": "mlp_hidden", "encoder": "backbone_pooled"}
 
 
 class ProViCNetSuperRes(_ProViCNetVolume):
@@ -599,6 +607,10 @@ class ProViCNetSuperRes(_ProViCNetVolume):
         y = _resize_out(y, h, w).reshape(b, n_out, self.out_channels, h, w).permute(0, 2, 3, 4, 1)
         reps = {"head_input": grid.mean(dim=(2, 3, 4)), "encoder": _slice_mean(cls, b)}
         return y, reps
+
+    def representation_kinds(self) -> dict[str, str]:
+        """``head_input``: the backbone's own patch tokens (a one-conv head); ``encoder``: the mean cls token."""
+        return {"head_input": "backbone_tokens", "encoder": "backbone_pooled"}
 
 
 # --------------------------------------------------------------------------------------------------------------------

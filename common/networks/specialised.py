@@ -128,6 +128,10 @@ class ResNet50Classifier(ResNet):
         pooled = _spatial_mean(self.forward_feature_maps(x)["head_input"])
         return {"head_input": pooled, "encoder": pooled}
 
+    def representation_kinds(self) -> dict[str, str]:
+        """Both recorded layers are the pooled ``layer4`` output, which the single linear ``fc`` reads."""
+        return {"head_input": "encoder_pooled", "encoder": "encoder_pooled"}
+
 
 class UNetSegmenter(UNet):
     """MONAI residual 3D UNet (Kerfoot et al., "Left-Ventricle Quantification Using Residual U-Net", STACOM 2018).
@@ -243,6 +247,10 @@ class UNetSegmenter(UNet):
         ``head_layer``) and the pooled bottleneck output."""
         return {k: _spatial_mean(v) for k, v in self.forward_feature_maps(x).items()}
 
+    def representation_kinds(self) -> dict[str, str]:
+        """``head_input``: the decoder map before the final layer; ``encoder``: the pooled bottleneck."""
+        return {"head_input": "decoder_features", "encoder": "encoder_pooled"}
+
 
 class ViTImageToImage(ViTAutoEnc):
     """MONAI ``ViTAutoEnc`` (Dosovitskiy et al., ICLR 2021, ViT; MONAI's image-to-image variant) for distortion
@@ -344,6 +352,10 @@ class ViTImageToImage(ViTAutoEnc):
         """``{"head_input": (B, deconv_chns), "encoder": (B, hidden_size)}`` (see the class docstring)."""
         return {k: _spatial_mean(v) for k, v in self.forward_feature_maps(x).items()}
 
+    def representation_kinds(self) -> dict[str, str]:
+        """``head_input``: the map before the final transposed conv; ``encoder``: the mean transformer token."""
+        return {"head_input": "decoder_features", "encoder": "encoder_pooled"}
+
 
 class ConditionalDiffusionUNet(DiffusionModelUNet):
     """MONAI ``DiffusionModelUNet`` as a conditional DDPM noise predictor (Ho et al., NeurIPS 2020) for T2W -> DWI.
@@ -436,6 +448,10 @@ class ConditionalDiffusionUNet(DiffusionModelUNet):
         if timesteps is None:
             timesteps = torch.full((x.shape[0],), self.representation_timestep, dtype=torch.long, device=x.device)
         return {k: _spatial_mean(v) for k, v in self.forward_feature_maps(x, timesteps).items()}
+
+    def representation_kinds(self) -> dict[str, str]:
+        """``head_input``: the map before the final conv; ``encoder``: the pooled middle block."""
+        return {"head_input": "decoder_features", "encoder": "diffusion_bottleneck"}
 
 
 #: Task id -> specialised model name (paper section 3.1; DESIGN.md section 2).

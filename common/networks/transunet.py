@@ -236,3 +236,7 @@ class TransUNet3d(nn.Module):
         input map and the mean of the normalised transformer tokens (the encoder output)."""
         maps = self.forward_feature_maps(x)
         return {k: v.mean(dim=(2, 3, 4)) for k, v in maps.items()}
+
+    def representation_kinds(self) -> dict[str, str]:
+        """``head_input``: the decoder map the head reads; ``encoder``: the mean transformer token."""
+        return {"head_input": "decoder_features", "encoder": "encoder_pooled"}

@@ -201,3 +201,21 @@ def test_bootstrap_correlation_rejects_bad_input(xr_shape: tuple[int, int], kwar
     x = np.array([1.0, 2.0, 3.0])
     with pytest.raises(ValueError, match=match):
         bootstrap_correlation(x, x, np.ones(xr_shape), np.ones((3, 10)), **kwargs)
+
+
+def test_resample_seed_means_draws_seeds_per_column() -> None:
+    from common.alignment.statistics import resample_seed_means
+
+    # seed s has the constant value s on every resample: a column's mean is the mean of the drawn seed indices
+    per_seed = np.repeat(np.array([[0.0], [1.0], [2.0]]), 4000, axis=1)
+    means = resample_seed_means(per_seed, seed=1)
+    assert means.shape == (4000,)
+    assert set(np.round(means * 3).astype(int)) <= set(range(7))  # sums of 3 draws from {0, 1, 2}
+    assert means.mean() == pytest.approx(1.0, abs=0.03)
+    # the variance of a mean of 3 draws from {0, 1, 2} (variance 2/3) is 2/9; the plain seed mean has none
+    assert means.var() == pytest.approx(2.0 / 9.0, rel=0.1)
+    np.testing.assert_array_equal(means, resample_seed_means(per_seed, seed=1))
+    one = np.array([[0.5, 0.25, np.nan]])
+    np.testing.assert_array_equal(resample_seed_means(one), one[0])
+    with pytest.raises(ValueError, match="shape"):
+        resample_seed_means(np.ones(3))

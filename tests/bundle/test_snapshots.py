@@ -4,6 +4,7 @@ a temporary SQLite store and tiny networks whose outputs the tests recompute ind
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +40,9 @@ class TinySegNet(nn.Module):
     def forward_representations(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         enc = self.encoder(x)
         return {"head_input": self.body(enc).mean(dim=(2, 3, 4)), "encoder": enc.mean(dim=(2, 3, 4))}
+
+    def representation_kinds(self) -> dict[str, str]:
+        return {"head_input": "decoder_features", "encoder": "encoder_pooled"}
 
 
 def _items(n: int = 5, seed: int = 0) -> list[dict]:
@@ -112,11 +116,14 @@ SNAPSHOT_FILES = [f"{s}{suffix}.npz" for s in ("step0", "epoch_1", "final") for 
 @pytest.mark.parametrize("name", SNAPSHOT_FILES)
 def test_snapshot_files_follow_the_contract(trained: dict, name: str) -> None:
     data = _load(trained["tmp"] / "out" / "features" / name)
-    layer, width = ("encoder", 4) if name.endswith("_encoder.npz") else ("head_input", 6)
-    assert sorted(data) == ["features", "ids", "layer"]
+    layer, width, kind = (
+        ("encoder", 4, "encoder_pooled") if name.endswith("_encoder.npz") else ("head_input", 6, "decoder_features")
+    )
+    assert sorted(data) == ["features", "ids", "kind", "layer"]
     assert data["features"].dtype == np.float32 and data["features"].shape == (5, width)
     assert data["ids"].tolist() == IDS
     assert str(data["layer"]) == layer
+    assert str(data["kind"]) == kind
 
 
 @pytest.mark.parametrize("layer,suffix", [("head_input", ""), ("encoder", "_encoder")])
@@ -144,8 +151,13 @@ def test_artifacts_and_test_metric_are_in_the_mlflow_run(trained: dict) -> None:
     assert run.info.status == "FINISHED"
     data = _load(trained["tmp"] / "out" / "test" / "predictions.npz")
     assert data["ids"].tolist() == IDS
-    assert run.data.metrics["test_metric"] == pytest.approx(float(data["per_image"].mean()), abs=1e-12)
+    assert run.data.metrics["test_metric"] == pytest.approx(float(np.nanmean(data["per_image"])), abs=1e-12)
     assert [m.step for m in client.get_metric_history(tracker.run_id, "test_metric")] == [0]
+    # every test image has a lesion, so the empty-mask baseline scores Dice 0 on each
+    assert run.data.metrics["baseline_metric"] == 0.0 == run.data.metrics["baseline_metric_empty_mask"]
+    assert run.data.tags["baseline_name"] == "empty_mask"
+    assert json.loads(run.data.tags["layer_kinds"]) == {"encoder": "encoder_pooled", "head_input": "decoder_features"}
+    np.testing.assert_array_equal(data["baseline_per_image"], np.zeros(5))
 
 
 def test_resumed_run_keeps_step0_and_rewrites_the_rest(tmp_path: Path) -> None:
@@ -243,7 +255,8 @@ def _threshold_net(scale: float, shift: float) -> nn.Conv3d:
     return net
 
 
-def test_segmentation_dice_per_image_with_lesion_free_cases(tmp_path: Path) -> None:
+@pytest.mark.parametrize("convention", ["lesion_cases", "all_cases"])
+def test_segmentation_dice_per_image_with_lesion_free_cases(tmp_path: Path, convention: str) -> None:
     g = torch.Generator().manual_seed(3)
     noise = torch.rand(1, *SHAPE, generator=g)
     dark = torch.full((1, *SHAPE), 0.2)
@@ -256,23 +269,36 @@ def test_segmentation_dice_per_image_with_lesion_free_cases(tmp_path: Path) -> N
         (torch.maximum(dark, spot), torch.zeros(1, *SHAPE)),
         (noise.flip(1), (noise > 0.3).float()),
     ]
-    items = [{"image": MetaTensor(x), "label": MetaTensor(y), "id": f"p{i}"} for i, (x, y) in enumerate(cases)]
+    affine = torch.diag(torch.tensor([2.0, 2.0, 3.0, 1.0]))  # 12 mm^3 voxels
+    items = [{"image": MetaTensor(x), "label": MetaTensor(y, affine=affine), "id": f"p{i}"}
+             for i, (x, y) in enumerate(cases)]  # fmt: skip
     predictions = TestPredictions(
-        data_loader=_loader(items), network=_threshold_net(10.0, -5.0), task="segmentation", output_dir=tmp_path
-    )
+        data_loader=_loader(items), network=_threshold_net(10.0, -5.0), task="segmentation", output_dir=tmp_path,
+        dice_convention=convention,
+    )  # fmt: skip
     value = predictions.run()
 
-    expected = []
+    dice_all, lesion = [], []
     for x, y in cases:
         a, b = x.numpy() * 10.0 - 5.0 > 0.0, y.numpy() > 0.5  # argmax of (0, 10 x - 5) is the lesion channel
         total = a.sum() + b.sum()
-        expected.append(1.0 if total == 0 else 2.0 * (a & b).sum() / total)
+        dice_all.append(1.0 if total == 0 else 2.0 * (a & b).sum() / total)
+        lesion.append(bool(b.any()))
+    assert dice_all[1:4] == [1.0, 0.0, 0.0] and 0.2 < dice_all[0] < 0.9 and lesion == [True, False, True, False, True]
+    expected = dice_all if convention == "all_cases" else [d if k else np.nan for d, k in zip(dice_all, lesion)]
     data = _load(tmp_path / "test" / "predictions.npz")
-    assert sorted(data) == ["ids", "per_image"]
+    assert sorted(data) == ["baseline_per_image", "ids", "per_image"]
     assert data["ids"].tolist() == ["p0", "p1", "p2", "p3", "p4"]
     np.testing.assert_allclose(data["per_image"], expected, atol=1e-6)
-    assert expected[1:4] == [1.0, 0.0, 0.0] and 0.2 < expected[0] < 0.9
-    assert value == pytest.approx(np.mean(expected), abs=1e-6)
+    assert value == pytest.approx(np.nanmean(expected), abs=1e-6)
+    assert predictions.metrics["test_dice_all"] == pytest.approx(np.mean(dice_all), abs=1e-6)
+    # false positives on the two lesion-free cases: none on p1, the 2 x 3 x 2 spot on p3, at 12 mm^3 per voxel
+    assert predictions.metrics["test_fp_volume_ml"] == pytest.approx((0.0 + 12 * 12e-3) / 2)
+    # the empty mask: 1 on lesion-free cases (all_cases), 0 on lesion cases
+    empty = [0.0 if k else (1.0 if convention == "all_cases" else np.nan) for k in lesion]
+    np.testing.assert_allclose(data["baseline_per_image"], empty)
+    assert predictions.baseline_values == {"empty_mask": pytest.approx(np.nanmean(empty))}
+    assert predictions.beats_baseline == (value > np.nanmean(empty))
 
 
 class _ScaleNet(nn.Module):
@@ -303,28 +329,40 @@ def test_image_tasks_ssim_of_the_clipped_prediction(tmp_path: Path, task: str, r
         items.append({"image": MetaTensor(x), "label": target, "id": f"s{i}"})
     predictions = TestPredictions(
         data_loader=_loader(items), network=_ScaleNet(repeat), task=task, output_dir=tmp_path,
-        postprocess=lambda out: out[0], win_size=7,
+        postprocess=lambda out: out[0], win_size=7, baseline_data=_loader(items[:2]),
     )  # fmt: skip
     value = predictions.run()
 
-    expected = []
-    for item in items:
-        pred = np.clip(1.3 * np.repeat(item["image"].numpy()[0], repeat, axis=2) - 0.1, 0.0, 1.0)
-        expected.append(
-            structural_similarity(
-                pred,
-                item["label"].numpy()[0],
-                data_range=1.0,
-                gaussian_weights=True,
-                sigma=1.5,
-                use_sample_covariance=False,
-                win_size=7,
-            )  # fmt: skip
-        )
+    def ssim(pred: np.ndarray, target: np.ndarray) -> float:
+        return structural_similarity(np.clip(pred, 0.0, 1.0), target, data_range=1.0, gaussian_weights=True,
+                                     sigma=1.5, use_sample_covariance=False, win_size=7)  # fmt: skip
+
+    images = [item["image"].numpy()[0] for item in items]
+    targets = [item["label"].numpy()[0] for item in items]
+    expected = [ssim(1.3 * np.repeat(x, repeat, axis=2) - 0.1, y) for x, y in zip(images, targets, strict=True)]
     data = _load(tmp_path / "test" / "predictions.npz")
     np.testing.assert_allclose(data["per_image"], expected, atol=1e-5)
     assert value == pytest.approx(np.mean(expected), abs=1e-5)
     assert 0.3 < value < 0.99
+
+    # the trivial baselines, computed here independently of common.metrics.baselines
+    if task == "super_resolution":  # linear interpolation between slice centres, (j + 0.5) / 2 - 0.5, edges held
+        n = images[0].shape[2]
+        src = np.clip((np.arange(2 * n) + 0.5) / 2 - 0.5, 0, n - 1)
+        lo = np.floor(src).astype(int)
+        hi, frac = np.minimum(lo + 1, n - 1), src - lo
+        guesses = {"trilinear": [x[..., lo] * (1 - frac) + x[..., hi] * frac for x in images]}
+    elif task == "distortion_correction":
+        guesses = {"distorted_input": images}
+    else:  # fitted on the first two items
+        a, b = np.polyfit(np.concatenate([x.ravel() for x in images[:2]]), np.concatenate([y.ravel() for y in
+                          targets[:2]]), 1)  # fmt: skip
+        guesses = {"mean_dwi": [np.mean(targets[:2], axis=0)] * 3, "linear_map": [a * x + b for x in images]}
+    scores = {name: [ssim(g, y) for g, y in zip(pred, targets, strict=True)] for name, pred in guesses.items()}
+    assert predictions.baseline_values == pytest.approx({name: np.mean(v) for name, v in scores.items()}, abs=1e-5)
+    best = max(scores, key=lambda name: np.mean(scores[name]))
+    np.testing.assert_allclose(data["baseline_per_image"], scores[best], atol=1e-5)
+    assert predictions.metrics == pytest.approx({"test_metric": value, "baseline_metric": np.mean(scores[best])})
 
 
 W = np.array([[-4.0, 0.0], [0.0, 3.0], [1.0, 0.0], [2.0, -1.0]])  # (K, 2): the classes weigh the two slices apart
@@ -370,7 +408,9 @@ def test_classification_scores_labels_and_specificity(tmp_path: Path) -> None:
     logits = slices.astype(np.float32).astype(np.float64) @ W.T + B
     probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
     data = _load(tmp_path / "test" / "predictions.npz")
-    assert sorted(data) == ["ids", "labels", "scores"]
+    assert sorted(data) == ["baseline_scores", "ids", "labels", "scores"]
+    np.testing.assert_array_equal(data["baseline_scores"], np.full((16, 4), 0.25))
+    assert predictions.baseline_values == {"constant_score": 0.0}  # ties: every image called positive together
     np.testing.assert_allclose(data["scores"], probs, atol=1e-6)
     assert data["labels"].tolist() == classes
     positive = np.array(classes) >= 1
@@ -378,3 +418,7 @@ def test_classification_scores_labels_and_specificity(tmp_path: Path) -> None:
     assert 0.0 < expected < 1.0
     assert expected != _specificity_brute_force(probs[:, 3], positive, 0.9)  # the cut sums classes 1..3
     assert value == pytest.approx(expected)
+    score = 1.0 - probs[:, 0]
+    pairs = [(p > n) + 0.5 * (p == n) for p in score[positive] for n in score[~positive]]
+    assert predictions.metrics["test_auc"] == pytest.approx(np.mean(pairs))
+    assert predictions.beats_baseline == (expected > 0.0)

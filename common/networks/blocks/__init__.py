@@ -4,5 +4,6 @@ from __future__ import annotations
 
 from .convnext import ConvNeXtV2Block, LayerNormChannelsFirst
 from .grn import GRN
+from .refinement import FullResolutionRefinement
 
-__all__ = ["GRN", "ConvNeXtV2Block", "LayerNormChannelsFirst"]
+__all__ = ["GRN", "ConvNeXtV2Block", "FullResolutionRefinement", "LayerNormChannelsFirst"]

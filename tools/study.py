@@ -44,6 +44,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TextIO
 
+from common.foundation_models import fm_ids, get_fm
+from common.tasks import get_task, task_ids
+
 __all__ = [
     "FMS",
     "SPECIALISED",
@@ -60,16 +63,11 @@ __all__ = [
 ]
 
 REPO = Path(__file__).resolve().parents[1]
-FMS = ("profound", "provicnet")
-TASKS = ("classification", "segmentation", "super_resolution", "distortion_correction", "modality_translation")
+#: the grid derives from the two registries (common.foundation_models, common.tasks)
+FMS = fm_ids()
+TASKS = task_ids()
 #: task -> the specialised task model's bundle (DESIGN.md section 2)
-SPECIALISED = {
-    "classification": "resnet50_classification",
-    "segmentation": "unet_segmentation",
-    "super_resolution": "transunet_super_resolution",
-    "distortion_correction": "vit_distortion_correction",
-    "modality_translation": "ddpm_modality_translation",
-}
+SPECIALISED = {task: get_task(task).specialised_bundle for task in TASKS}
 ANALYSIS = "analysis"
 #: params a finished run must share with the planned run to count as done (when the finished run recorded them)
 IDENTITY_PARAMS = ("datalist", "pretrained_ckpt")
@@ -175,7 +173,7 @@ class Run:
 
 
 def _pretrain_name(fm: str, seed: int) -> str:
-    return f"{fm}_pretrain/seed{seed}"
+    return f"{get_fm(fm).pretrain_bundle}/seed{seed}"
 
 
 def build_grid(study: Study, tracking_uri: str) -> list[Run]:
@@ -195,14 +193,15 @@ def build_grid(study: Study, tracking_uri: str) -> list[Run]:
 
     grid = []
     for seed in study.seeds:
-        grid += [run(f"{fm}_pretrain", "pretrain", "pretrain", seed) for fm in FMS if fm not in study.weights]
+        grid += [run(get_fm(fm).pretrain_bundle, "pretrain", "pretrain", seed) for fm in FMS
+                 if fm not in study.weights and get_fm(fm).pretrain_bundle]  # fmt: skip
     for seed in study.seeds:
         for fm in FMS:
             for task in TASKS:
                 if fm in study.weights:
                     ckpt, depends = study.weights[fm], ()
                 else:
-                    ckpt = str(runs_dir / f"{fm}_pretrain" / f"seed{seed}" / "models" / "model.pt")
+                    ckpt = str(runs_dir / _pretrain_name(fm, seed) / "models" / "model.pt")
                     depends = (_pretrain_name(fm, seed),)
                 grid.append(run(f"{fm}_{task}_finetune", "finetune", "finetune", seed, ("pretrained_ckpt", ckpt),
                                 depends=depends))  # fmt: skip

@@ -44,6 +44,7 @@ from monai.transforms import (
 )
 
 from common.profiles import Profile, get_profile
+from common.tasks import get_task, task_ids
 from common.transforms.channel import RandDiffusionChoiced
 from common.transforms.degradation import RectalDistortiond, SliceDecimated
 from common.transforms.intensity import NormalizeMRIntensityd
@@ -52,23 +53,11 @@ from common.transforms.spatial import AlignToReferenced, PadToDivisibled
 
 __all__ = ["IMAGE_KEYS", "MASK_KEYS", "TASKS", "pretrain_transforms", "required_keys", "task_transforms"]
 
-TASKS: tuple[str, ...] = (
-    "classification",
-    "segmentation",
-    "super_resolution",
-    "distortion_correction",
-    "modality_translation",
-)
+TASKS: tuple[str, ...] = task_ids()
 IMAGE_KEYS: tuple[str, ...] = ("t2w", "adc", "dwi")
 MASK_KEYS: tuple[str, ...] = ("prostate", "lesion", "rectum")
 
-_TASK_VOLUMES: dict[str, tuple[str, ...]] = {
-    "classification": ("t2w",),
-    "segmentation": ("t2w", "adc", "dwi", "lesion"),
-    "super_resolution": ("t2w",),
-    "distortion_correction": ("t2w", "rectum"),
-    "modality_translation": ("t2w", "dwi"),
-}
+_TASK_VOLUMES: dict[str, tuple[str, ...]] = {task: get_task(task).volumes for task in TASKS}
 
 
 def _check_task(task: str) -> None:
@@ -79,8 +68,7 @@ def _check_task(task: str) -> None:
 def required_keys(task: str) -> tuple[str, ...]:
     """Datalist keys ``task`` reads: ``"id"``, its volumes, and ``"pirads"`` for classification."""
     _check_task(task)
-    extra = ("pirads",) if task == "classification" else ()
-    return ("id", *_TASK_VOLUMES[task], *extra)
+    return get_task(task).required_keys
 
 
 class _MoveItemsd(MapTransform):

@@ -82,10 +82,12 @@ class ResidualRestoration(nn.Module):
             raise ValueError(f"ResidualRestoration: scale must be three positive integers, got {tuple(scale)}.")
         if channels < 1:
             raise ValueError(f"ResidualRestoration: channels must be >= 1, got {channels}.")
+        if not isinstance(residual, bool):  # a command-line "false" would otherwise read as True
+            raise ValueError(f"ResidualRestoration: residual must be True or False, got {residual!r}.")
         self.network = network
         self.scale: tuple[int, int, int] = (values[0], values[1], values[2])
         self.channels = channels
-        self.residual = bool(residual)
+        self.residual = residual
         self.refine: FullResolutionRefinement | None = None
         if self.residual:
             self.refine = FullResolutionRefinement(2 * channels, channels, refine_channels, refine_layers)

@@ -209,3 +209,40 @@ def test_an_explicit_linear_final_layer_is_modulated_channels_last() -> None:
     x = torch.randn(2, 5, 4)
     expected = net[2](2 * net[1](net[0](x)))
     torch.testing.assert_close(model(x, torch.tensor([0, 1])), expected)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Full-resolution refinement
+
+
+@pytest.mark.parametrize("kind", ["upernet", "provicnet"])
+def test_refinement_starts_at_zero_so_the_output_is_the_network(kind) -> None:
+    model = TimestepConditioned(_network(kind), embed_dim=16, refine_channels=4).eval()
+    x, t = _input(kind), torch.tensor([10, 900])
+    with torch.no_grad():
+        assert torch.equal(model(x, t), model.network(x))  # time_mlp and refine.out both start at zero
+        model.refine.out.weight.normal_(0, 0.1, generator=torch.Generator().manual_seed(6))
+        y900, y10 = model(x, t), model(x, torch.tensor([10, 10]))
+    assert not torch.equal(y900, model.network(x))
+    assert torch.equal(y900[0], y10[0]) and not torch.equal(y900[1], y10[1])  # the timestep reaches the refinement
+    assert model.refine.in_channels == 3  # noisy DWI, T2W and the network's prediction
+
+
+def test_refinement_trains_under_the_finetune_freeze() -> None:
+    model = TimestepConditioned(_network("upernet"), embed_dim=16, refine_channels=4)
+    freeze_profound_finetune(model.network)
+    assert all(p.requires_grad for p in model.refine.parameters())
+    model.train()
+    model(_input("upernet"), torch.tensor([1, 999])).square().mean().backward()
+    assert model.refine.out.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.network.encoder.parameters())
+
+
+def test_refinement_errors_and_kinds() -> None:
+    with pytest.raises(ValueError, match="refine_channels >= 0"):
+        TimestepConditioned(_network("upernet"), refine_channels=-1)
+    model = TimestepConditioned(_network("upernet"), embed_dim=16, refine_channels=4, in_channels=3)
+    with pytest.raises(ValueError, match=r"expected \(B, 3, H, W, D\)"):
+        model(_input("upernet"), 5)
+    assert model.representation_kinds() == {"head_input": "decoder_features", "encoder": "encoder_pooled"}
+    assert not any(k.startswith("refine.") for k in TimestepConditioned(_network("upernet")).state_dict())

@@ -1,6 +1,8 @@
 """Run profiles: one name that scales a bundle or the study without editing it (DESIGN.md section 6).
 
-``smoke`` runs on two CPU cores in minutes and is what the tests use; ``gpu`` is one GPU, well under an hour for
+``smoke`` runs on two CPU cores in minutes and is what the tests use (its numbers test the pipeline, not the
+science); ``demo`` runs the whole study on two CPU cores within 90 minutes with test splits large enough to measure and
+models that beat their trivial baselines; ``gpu`` is one GPU, well under an hour for
 the whole grid; ``paper`` has the paper's sizes (200 x 200 x 96, H x W x D) and epochs. Spatial sizes are
 ``(H, W, D)``, the MONAI array order of our pipelines, D being the through-plane (slice) axis.
 """
@@ -27,6 +29,9 @@ class Profile:
         provicnet_size: ProViCNet backbone size (``DINOV2_SIZES``; the paper's is ``small``).
         slice_size: side ProViCNet resizes each slice to (a multiple of its 14-pixel patch).
         num_workers: data-loading worker processes.
+        sample_steps: DDIM steps of the modality-translation sampler at test time.
+        transformer_size: key of :data:`TRANSFORMER_SIZES`: the specialised transformers', the DDPM UNet's and the
+            ProViCNet pretraining heads' sizes (``"tiny"`` on CPU, ``"base"`` the published ones).
         train_steps_per_epoch: iterations per downstream training epoch, or None for one pass over the training split;
             the smoke profile caps it so that a bundle runs in about a minute on two CPU cores.
         decoder_channels: width of ProFound's UperNet decoder (official: 512; the smoke profile's is narrow so that a
@@ -54,6 +59,14 @@ class Profile:
     lesion_patch_fraction: float = 0.02
     decoder_channels: int = 32
     train_steps_per_epoch: int | None = 4
+    sample_steps: int = 4
+    transformer_size: str = "tiny"
+
+    @property
+    def transformer(self) -> dict[str, int]:
+        """Width, depth and heads of the specialised transformers (ViT, TransUNet) and the DDPM UNet's widths and the
+        ProViCNet pretraining heads at this profile (:data:`TRANSFORMER_SIZES`)."""
+        return dict(TRANSFORMER_SIZES[self.transformer_size])
 
     @property
     def padded_size(self) -> tuple[int, int, int]:
@@ -64,6 +77,15 @@ class Profile:
         return asdict(self)
 
 
+#: sizes that scale with the profile: ViT-Tiny / ViT-Base (hidden, MLP, layers, heads) for the specialised ViT and
+#: TransUNet, the DDPM UNet's channels, and the DINO / patch head outputs of ProViCNet pretraining (official 65536)
+TRANSFORMER_SIZES: dict[str, dict] = {
+    "tiny": {"hidden_size": 192, "mlp_dim": 768, "num_layers": 4, "num_heads": 3, "ddpm_channels": [8, 16, 16],
+             "ddpm_groups": 8, "ddpm_head_channels": 8, "dino_out_dim": 1024, "dino_patch_out_dim": 4096},
+    "base": {"hidden_size": 768, "mlp_dim": 3072, "num_layers": 12, "num_heads": 12, "ddpm_channels": [32, 64, 64],
+             "ddpm_groups": 32, "ddpm_head_channels": 32, "dino_out_dim": 4096, "dino_patch_out_dim": 65536},
+}  # fmt: skip
+
 # Padding to multiples of 32 in-plane and 16 through-plane fits ProFound's total strides; in the paper profile
 # 200 -> 224 in-plane, which is also a multiple of ProViCNet's 14-pixel patch, and 96 slices stay 96.
 PROFILES: dict[str, Profile] = {
@@ -72,15 +94,24 @@ PROFILES: dict[str, Profile] = {
         epochs=2, pretrain_epochs=3, batch_size=2, profound_size="atto", provicnet_size="tiny", slice_size=56,
         num_workers=0, lesion_patch_fraction=0.02,
     ),
+    # demo: the whole study on 2 CPU cores within 90 minutes, with test splits large enough to measure (40 PROMIS-split
+    # test images, 12 of them PI-RADS 1-2; 60 in the few-shot split) and training long enough to beat the baselines
+    "demo": Profile(
+        "demo", spatial_size=(64, 64, 32), divisible_by=(32, 32, 16), cohort_cases=200, cohort_size=(24, 96, 96),
+        epochs=4, pretrain_epochs=3, batch_size=2, profound_size="atto", provicnet_size="tiny", slice_size=56,
+        num_workers=0, lesion_patch_fraction=0.02, train_steps_per_epoch=40,
+    ),
     "gpu": Profile(
         "gpu", spatial_size=(128, 128, 64), divisible_by=(32, 32, 16), cohort_cases=160, cohort_size=(32, 160, 160),
         epochs=20, pretrain_epochs=50, batch_size=2, profound_size="tiny", provicnet_size="small", slice_size=224,
-        num_workers=4, lesion_patch_fraction=0.25, decoder_channels=512, train_steps_per_epoch=None,
+        num_workers=4, lesion_patch_fraction=0.25, decoder_channels=512, train_steps_per_epoch=None, sample_steps=10,
+        transformer_size="base",
     ),
     "paper": Profile(
         "paper", spatial_size=(200, 200, 96), divisible_by=(32, 32, 16), cohort_cases=740, cohort_size=(32, 256, 256),
         epochs=100, pretrain_epochs=300, batch_size=2, profound_size="tiny", provicnet_size="small", slice_size=448,
-        num_workers=8, lesion_patch_fraction=62 / 64, decoder_channels=512, train_steps_per_epoch=None,
+        num_workers=8, lesion_patch_fraction=62 / 64, decoder_channels=512, train_steps_per_epoch=None, sample_steps=10,
+        transformer_size="base",
     ),
 }  # fmt: skip
 

@@ -72,7 +72,7 @@ ANALYSIS = "analysis"
 #: params a finished run must share with the planned run to count as done (when the finished run recorded them)
 IDENTITY_PARAMS = ("datalist", "pretrained_ckpt")
 #: peak resident memory of one CPU run per profile, GB (smoke measured at 2.7 GB); sets the default --jobs on CPU
-CPU_RUN_MEMORY_GB = {"smoke": 3.0, "gpu": 12.0, "paper": 48.0}
+CPU_RUN_MEMORY_GB = {"smoke": 3.0, "demo": 4.0, "gpu": 12.0, "paper": 48.0}
 #: concurrent runs one SQLite store is allowed: 32 processes writing 100 metrics each at full speed met no lock
 #: error on a local disk (with the tracker's retry), and a bundle writes a few records per epoch; we keep a margin
 SQLITE_MAX_JOBS = 16
@@ -90,7 +90,7 @@ class Study:
     """What identifies a study on disk and in the store.
 
     Args:
-        profile: ``smoke``, ``gpu`` or ``paper`` (``common/profiles.py``).
+        profile: ``smoke``, ``demo``, ``gpu`` or ``paper`` (``common/profiles.py``).
         seeds: the seeds every run is repeated with.
         name: the study (MLflow experiment and ``study`` tag). Default ``vfm-study``.
         study_dir: absolute output folder (cohort, runs, logs, analysis, SQLite store).
@@ -860,7 +860,7 @@ def _parser() -> argparse.ArgumentParser:
         "the random-weight runs, the specialised bundles, for each seed, then the analysis (README, 'The study'). "
         "Run it again to skip what finished and resume what was interrupted.",
     )
-    p.add_argument("--profile", default="smoke", help="smoke | gpu | paper (default smoke)")
+    p.add_argument("--profile", default="smoke", help="smoke | demo | gpu | paper (default smoke)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], metavar="SEED", help="seeds (default 0)")
     p.add_argument("--study", default="vfm-study", help="study name = MLflow experiment (default vfm-study)")
     p.add_argument("--study_dir", help="output folder (default results/study-<profile> in the repository)")

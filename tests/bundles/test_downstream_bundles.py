@@ -33,26 +33,20 @@ import torch
 from mlflow import MlflowClient
 
 from common.bundle import sqlite_uri
+from common.contract import LAYER_KINDS
 from common.data.phantom import make_cohort
+from common.foundation_models import FOUNDATION_MODELS
+from common.tasks import TASKS, get_task
 
 from .helpers import kill_after_first_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 SCHEMA = REPO.parent / "shared" / "monai" / "meta_schema_20240725.json"
 TRACKING = str(REPO / "mlflow_config" / "sqlite.json")
-TASKS = ("classification", "segmentation", "super_resolution", "distortion_correction", "modality_translation")
-DOWNSTREAM = [f"{fm}_{task}_{regime}" for fm in ("profound", "provicnet") for task in TASKS
+DOWNSTREAM = [f"{fm}_{task}_{regime}" for fm in FOUNDATION_MODELS for task in TASKS
               for regime in ("finetune", "scratch")]  # fmt: skip
-SPECIALISED = {
-    "resnet50_classification": ("resnet50", "classification"),
-    "unet_segmentation": ("unet", "segmentation"),
-    "transunet_super_resolution": ("transunet", "super_resolution"),
-    "vit_distortion_correction": ("vit", "distortion_correction"),
-    "ddpm_modality_translation": ("ddpm", "modality_translation"),
-}
+SPECIALISED = {t.specialised_bundle: (t.specialised_model, t.id) for t in TASKS.values()}
 ALL = DOWNSTREAM + list(SPECIALISED)
-METRICS = {"classification": "specificity_at_sensitivity", "segmentation": "dice", "super_resolution": "ssim",
-           "distortion_correction": "ssim", "modality_translation": "ssim"}  # fmt: skip
 #: networks that take a timestep and do not compile with torch.jit.script (documented in their docs/README.md)
 NOT_SCRIPTABLE = {"profound_modality_translation_finetune", "profound_modality_translation_scratch",
                   "provicnet_modality_translation_finetune", "provicnet_modality_translation_scratch",
@@ -132,13 +126,19 @@ def check_run(client: MlflowClient, run, bundle: str, regime: str, tmp: Path, sn
     assert (tags["model"], tags["task"], tags["regime"], tags["bundle"]) == (model, task, regime, bundle)
     assert (tags["seed"], tags["profile"], tags["study"]) == ("0", "smoke", "vfm-study")
     assert tags["bundle_version"] == "0.1.0"
-    assert tags["metric_name"] == METRICS[task] and tags["git_commit"]
+    assert tags["metric_name"] == get_task(task).metric and tags["git_commit"]
+    kinds = json.loads(tags["layer_kinds"])
+    assert set(kinds) == {"head_input", "encoder"} and set(kinds.values()) <= set(LAYER_KINDS), (bundle, kinds)
     for key in ("train_loss", "val_metric", "lr"):
         history = client.get_metric_history(run_id, key)
         assert [m.step for m in history] == list(range(1, EPOCHS + 1)), (bundle, key)
     assert all(math.isfinite(m.value) for m in client.get_metric_history(run_id, "train_loss"))
     metrics = run.data.metrics
     assert math.isfinite(metrics["test_metric"]) and metrics["wall_seconds"] > 0 and metrics["gpu_hours"] == 0.0
+    # the task's trivial baselines on the same test images, the best of them as baseline_metric
+    baselines = {b: metrics[f"baseline_metric_{b}"] for b in get_task(task).baselines}
+    assert tags["baseline_name"] in baselines and metrics["baseline_metric"] == baselines[tags["baseline_name"]]
+    assert metrics["baseline_metric"] == max(baselines.values()), bundle
     if task != "classification":  # Dice and SSIM lie in [0, 1]; specificity too, but may be nan on 5 test cases
         assert 0.0 <= metrics["test_metric"] <= 1.0
     names = {a.path for a in client.list_artifacts(run_id, "features")}
@@ -154,6 +154,7 @@ def check_run(client: MlflowClient, run, bundle: str, regime: str, tmp: Path, sn
             assert saved["features"].dtype == np.float32 and saved["features"].ndim == 2
             assert np.isfinite(saved["features"]).all(), (bundle, name + suffix)
             assert str(saved["layer"]) == ("encoder" if suffix else "head_input")
+            assert str(saved["kind"]) == kinds[str(saved["layer"])]
             ids = saved["ids"] if ids is None else ids
             assert list(saved["ids"]) == list(ids) == list(predictions["ids"]), (bundle, name)
     assert len(ids) >= 5  # the test split of 24 cases (5 in PROMIS proportions, 7 in the few-shot ones)
@@ -211,6 +212,30 @@ def test_bundle_trains_at_smoke_and_records_the_contract(case: str, shared: dict
 
         volume = nib.load(output / "predictions" / written[0])
         assert volume.ndim == 3 and np.isfinite(volume.get_fdata()).all()
+
+
+#: the super-resolution and distortion-correction bundles: residual over the degraded input, zero-initialised last layer
+RESIDUAL = [b for b in ALL if get_task(_identity(b)[1]).image_to_image]
+
+
+@pytest.mark.parametrize("bundle", RESIDUAL)
+def test_residual_model_at_step0_scores_exactly_its_baseline(
+    bundle: str, shared: dict, tmp_path: Path, in_repo: Path
+) -> None:
+    """The network as the bundle builds it, before any optimisation step, scored by ``evaluate.json``: its test
+    metric equals the trivial baseline's to the last bit (same images, same metric code, output = baseline + 0)."""
+    _, net = _network(bundle)
+    ckpt = tmp_path / "step0.pt"
+    torch.save(net.state_dict(), ckpt)
+    study = tmp_path / "study"
+    result = _run(_command(bundle, study, shared, "--checkpoint", str(ckpt), overlay="evaluate.json"))
+    assert result.returncode == 0, result.stderr[-4000:]
+    metrics = json.loads((study / "runs" / bundle / "seed0" / "eval" / "metrics.json").read_text())
+    (baseline,) = get_task(_identity(bundle)[1]).baselines
+    assert 0.0 < metrics["value"] < 1.0 and metrics["value"] == metrics["baselines"][baseline]
+    assert metrics["beats_baseline"] is False
+    saved = np.load(study / "runs" / bundle / "seed0" / "eval" / "test" / "predictions.npz")
+    np.testing.assert_array_equal(saved["per_image"], saved["baseline_per_image"])
 
 
 @pytest.mark.slow

@@ -31,11 +31,12 @@ from common.analysis.runs import (
 )
 from common.analysis.tables import (
     ALIGNMENT_COLUMNS,
-    DISTANCES,
     CORRELATION_COLUMNS,
     COST_COLUMNS,
+    DISTANCES,
     EXTRA_ALIGNMENT_COLUMNS,
     EXTRA_CORRELATION_COLUMNS,
+    REFERENCES,
     STD_COLUMNS,
     RunCost,
     SeedData,
@@ -60,8 +61,6 @@ SELECTED_COLUMNS: tuple[str, ...] = ("run_id", "run_name", "model", "task", "reg
                                      "bundle_version", "git_commit", "test_metric", "baseline_metric", "baseline_name",
                                      "beats_baseline", "test_auc", "test_dice_all", "test_fp_volume_ml")  # fmt: skip
 LAYER_OPTIONS: tuple[str, ...] = ("auto", *LAYERS)
-#: how to get epoch snapshots (the D2P trajectory): the bundles' ``snapshot_epochs`` key
-SNAPSHOT_EPOCHS_OPTION = "./vfm run --override '*_finetune' snapshot_epochs=[1,2,5] (or a bundle's --snapshot_epochs)"
 EXCLUDED_COLUMNS: tuple[str, ...] = ("run_id", "run_name", "model", "task", "regime", "seed", "status", "reason")
 
 
@@ -547,11 +546,7 @@ def _summary_metrics(result: AnalysisResult) -> dict[str, float]:
         "n_runs_below_baseline": float(len(result.below_baseline)),
         "n_alignment_rows": float(len(result.headline)),
         "n_rpg_computed": float(
-            sum(
-                math.isfinite(float(r[f"rpg_{ref}"]))
-                for r in result.headline
-                for ref in ("random", "specialised", "scratch")
-            )  # fmt: skip
+            sum(math.isfinite(float(r[f"rpg_{ref}"])) for r in result.headline for ref in REFERENCES)  # type: ignore[arg-type]
         ),
         "n_layer_warnings": float(len(result.warnings)),
     }

@@ -319,7 +319,14 @@ def align_task(
                     out.why.setdefault(col, f"{name} not computed: the snapshots hold different images")
                 out.no_resamples.setdefault(name, f"{name}: the snapshots hold different images")
                 continue
-            identical[name].append(bool(np.allclose(a, b, rtol=_IDENTICAL_RTOL, atol=0.0)))
+            same = bool(np.allclose(a, b, rtol=_IDENTICAL_RTOL, atol=0.0))
+            identical[name].append(same)
+            if same:  # exactly 0, not the kernel's rounding noise (which a correlation would read as signal)
+                values[name] = values[f"cka_{name}"] = 0.0
+                values[f"mmd_p_{name}"] = 1.0 if n_permutations > 0 else math.nan
+                if indices is not None:
+                    resampled[name] = np.zeros(indices.shape[0])
+                continue
             values[name] = compute_mmd2(a, b, sigma=sigma, normalize=normalize)
             try:
                 values[f"cka_{name}"] = 1.0 - compute_linear_cka(a, b)
@@ -440,6 +447,7 @@ def correlation_rows(
             ]
             tas = [by_task[str(r["task"])] for r in used]
             kinds = sorted({ta.kind or "unknown" for ta in tas})
+            known = {ta.kind for ta in tas if ta.kind}
             row: dict[str, object] = {"fm": fm, "distance": dist, "reference": ref, "n_tasks": len(used)}
             row.update(layer=layer, kinds=" ".join(kinds), headline=headline)
             row["tasks"] = " ".join(str(r["task"]) for r in used)
@@ -450,14 +458,17 @@ def correlation_rows(
             warn = []
             if len(used) < MIN_TASKS:
                 warn.append(f"only {len(used)} of {MIN_TASKS} tasks")
-            if len(kinds) > 1:
+            if len(known) > 1:
                 warn.append("mixes layer kinds " + ", ".join(f"{ta.task}: {ta.kind or 'unknown'}" for ta in tas))
+            unknown = [ta.task for ta in tas if not ta.kind]
+            if unknown:
+                warn.append(f"layer kind unknown on {', '.join(unknown)}")
             zero = [ta.task for ta in tas if dist in ta.identical]
             if zero:
                 warn.append(f"{dist} identically 0 on {', '.join(zero)} (layer did not train)")
             row["warning"] = "; ".join(warn)
             if len(used) < 3:
-                reason = f"needs >= 3 tasks with both {dist} and RPG vs {ref}, has {len(used)}"
+                reason = f"needs >= 3 tasks with both the distance and the RPG, has {len(used)}"
                 problems.append(f"{fm} layer {layer}: {dist} vs RPG({ref}) {reason}")
                 why.update({c: reason for c in ("pearson_r", "pearson_p", "spearman_rho", "ci_low", "ci_high")})
                 out.append(row)

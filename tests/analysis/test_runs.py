@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from common.analysis.runs import RunRecord, feature_artifact, required_artifacts, select_runs
@@ -45,7 +47,7 @@ def test_latest_finished_wins_and_older_is_listed() -> None:
 
 
 def test_incomplete_newer_run_does_not_hide_complete_older_one() -> None:
-    runs = [record("old", start=1), record("new", start=2, artifacts=frozenset({"test/predictions.npz"}))]
+    runs = [record("old", start=1), record("new", start=2, artifacts=frozenset({"features/final_encoder.npz"}))]
     sel = select_runs(runs)
     assert sel.runs[("profound", "segmentation", "finetune", 0)].run_id == "old"
     assert sel.excluded[0].reason == "missing artifact(s): features/step0.npz, features/final.npz"
@@ -54,11 +56,11 @@ def test_incomplete_newer_run_does_not_hide_complete_older_one() -> None:
 @pytest.mark.parametrize(
     ("regime", "snapshot", "expected"),
     [
-        ("finetune", "final", ("features/step0.npz", "features/final.npz", "test/predictions.npz")),
-        ("finetune", "epoch_3", ("features/step0.npz", "features/epoch_3.npz", "test/predictions.npz")),
-        ("random", "epoch_3", ("features/step0.npz", "test/predictions.npz")),
-        ("scratch", "epoch_3", ("features/epoch_3.npz", "test/predictions.npz")),
-        ("specialised", "final", ("test/predictions.npz",)),
+        ("finetune", "final", ("features/step0.npz", "features/final.npz")),
+        ("finetune", "epoch_3", ("features/step0.npz", "features/epoch_3.npz")),
+        ("random", "epoch_3", ("features/step0.npz",)),
+        ("scratch", "epoch_3", ("features/epoch_3.npz",)),
+        ("specialised", "final", ()),
     ],
 )
 def test_required_artifacts(regime: str, snapshot: str, expected: tuple[str, ...]) -> None:
@@ -66,7 +68,7 @@ def test_required_artifacts(regime: str, snapshot: str, expected: tuple[str, ...
 
 
 def test_snapshot_option_changes_what_is_missing() -> None:
-    scratch = record("s", regime="scratch", artifacts=frozenset({"features/final.npz", "test/predictions.npz"}))
+    scratch = record("s", regime="scratch", artifacts=frozenset({"features/final.npz"}))
     assert select_runs([scratch], "final").runs
     sel = select_runs([scratch], "epoch_2")
     assert not sel.runs and sel.excluded[0].reason == "missing artifact(s): features/epoch_2.npz"
@@ -109,10 +111,42 @@ def test_feature_artifact_rejects_bad_snapshot_names(bad: object) -> None:
 
 def test_feature_artifact_paths() -> None:
     assert feature_artifact("epoch_12") == "features/epoch_12.npz"
-    assert feature_artifact("step0", encoder=True) == "features/step0_encoder.npz"
+    assert feature_artifact("step0", "encoder") == "features/step0_encoder.npz"
 
 
 def test_record_lists_snapshots() -> None:
     r = record("a", artifacts=frozenset({"features/epoch_2.npz", "features/final_encoder.npz", "features/x.npz"}))
     assert r.snapshots() == ["epoch_2"]
-    assert r.snapshots(encoder=True) == ["final"]
+    assert r.snapshots("encoder") == ["final"]
+
+
+def test_run_without_predictions_is_selected() -> None:
+    # it has its test metric and snapshots: its point values count, only its confidence intervals are missing
+    ft = record("f", artifacts=frozenset({"features/step0.npz", "features/final.npz"}))
+    spec = record("u", regime="specialised", model="unet", artifacts=frozenset())
+    sel = select_runs([ft, spec])
+    assert sorted(r.run_id for r in sel.runs.values()) == ["f", "u"] and sel.excluded == []
+
+
+@pytest.mark.parametrize(
+    ("task", "metrics", "beats"),
+    [
+        ("segmentation", {"test_metric": 0.3, "baseline_metric": 0.25}, True),
+        ("segmentation", {"test_metric": 0.25, "baseline_metric": 0.25}, False),  # equal is not better
+        ("super_resolution", {"test_metric": 0.44, "baseline_metric": 0.99}, False),
+        ("classification", {"test_metric": 0.5, "baseline_metric": 0.0}, True),
+    ],
+)
+def test_beats_baseline(task: str, metrics: dict, beats: bool) -> None:
+    tags = {"model": "profound", "task": task, "regime": "finetune", "seed": "0"}
+    r = RunRecord("a", "a", "FINISHED", 0, tags, metrics, FULL, "profound", task, "finetune", 0)
+    assert r.baseline == metrics["baseline_metric"] and r.beats_baseline() is beats
+    row = select_runs([r]).rows()[0]
+    assert row["beats_baseline"] == ("yes" if beats else "no")
+
+
+def test_old_run_without_baseline_or_kinds() -> None:
+    r = RunRecord("a", "a", "FINISHED", 0, {"layer_kinds": "not json"}, {"test_metric": 0.5}, FULL)
+    assert math.isnan(r.baseline) and not r.beats_baseline() and r.layer_kinds == {}
+    r2 = RunRecord("b", "b", "FINISHED", 0, {"layer_kinds": '{"encoder": "backbone_pooled"}'}, {}, FULL)
+    assert r2.layer_kinds == {"encoder": "backbone_pooled"}

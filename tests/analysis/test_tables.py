@@ -18,6 +18,7 @@ from common.analysis.tables import (
     correlation_rows,
     cost_row,
     performance,
+    rpg_with_reason,
     safe_rpg,
     write_csv,
 )
@@ -123,7 +124,10 @@ def test_correlation_needs_three_tasks() -> None:
            for k, t in enumerate(("a", "b"))]  # fmt: skip
     rows, problems = correlation_rows("profound", tas, [alignment_row(t) for t in tas])
     assert len(rows) == 9 and all(math.isnan(r["pearson_r"]) and r["n_tasks"] == 2 for r in rows)
-    assert "profound: d2r vs RPG(random) needs >= 3 tasks with both values, has 2" in problems
+    assert (
+        "profound layer head_input: d2r vs RPG(random) needs >= 3 tasks with both the distance and the RPG, has 2"
+        in problems
+    )
 
 
 def test_correlation_ci_brackets_point_estimate_on_consistent_data() -> None:
@@ -161,6 +165,7 @@ def test_write_csv(tmp_path: Path) -> None:
         ({"study": " "}, "study"),
         ({"snapshot": "step0"}, "snapshot"),
         ({"snapshot": "epoch_0"}, "snapshot"),
+        ({"layer": "decoder"}, "layer must be one of"),
         ({"n_bootstrap": -1}, "n_bootstrap"),
         ({"sigma": 0}, "sigma"),
         ({"confidence": 1.0}, "confidence"),
@@ -179,3 +184,112 @@ def test_output_dir_with_or_without_dollar(given: str) -> None:
     analysis = StudyAnalysis(tracking_uri="sqlite:///x.db", study=123, output_dir=given)
     assert analysis.output_dir == Path("/tmp/a b")
     assert analysis.study == "123" and analysis.experiment == "123"
+
+
+def test_per_image_performance_skips_images_the_metric_does_not_count() -> None:
+    # lesion-free cases are NaN under the lesion-case Dice: P is the mean of the other three
+    pred = Predictions(["a", "b", "c", "d"], per_image=np.array([np.nan, 0.2, 0.5, 0.8]),
+                       baseline_per_image=np.array([np.nan, 0.0, 0.0, 0.3]))  # fmt: skip
+    assert performance(pred) == pytest.approx(0.5)
+    assert performance(pred, baseline=True) == pytest.approx(0.1)
+    assert performance(pred, np.array([0, 0, 3])) == pytest.approx(0.8)
+    assert math.isnan(performance(Predictions(["a"], per_image=np.array([0.4])), baseline=True))  # an older run
+
+
+@pytest.mark.parametrize(
+    ("p_ft", "p_ref", "higher", "expected", "reason"),
+    [
+        (0.017, 0.0008, True, math.nan, "at or near zero"),  # the smoke study's +2000 %
+        (0.5, 0.0, True, math.nan, "at or near zero"),
+        (0.3, 0.4, False, 25.0, ""),
+        (0.5, math.nan, True, math.nan, "P(reference) is missing"),
+    ],
+)
+def test_rpg_with_reason(p_ft: float, p_ref: float, higher: bool, expected: float, reason: str) -> None:
+    value, why = rpg_with_reason(p_ft, p_ref, higher)
+    assert value == pytest.approx(expected, nan_ok=True) and reason in why and bool(why) == bool(reason)
+
+
+def test_near_zero_reference_rpg_is_not_computed() -> None:
+    sd = seed_data()
+    sd.p["random"] = 0.0008
+    sd.predictions["random"] = Predictions(IDS, per_image=np.full(6, 0.0008))
+    ta = align_task("profound", "segmentation", "dice", [sd], n_bootstrap=5, n_permutations=0)
+    row = alignment_row(ta)
+    assert math.isnan(row["rpg_random"]) and row["rpg_specialised"] == pytest.approx(-20.0)
+    assert "reference P = 0.0008 is at or near zero" in row["_why"]["rpg_random"]
+    assert any("RPG vs random not computed" in p for p in ta.problems)
+    assert np.isnan(ta.resampled["rpg_random"]).all()
+
+
+def test_runs_below_their_baseline_are_flagged() -> None:
+    sd = seed_data(p_ft=0.6)  # P: finetune 0.6, random 0.5, specialised 0.75, scratch 0.4
+    sd.baseline = {"finetune": 0.55, "random": 0.55, "specialised": 0.55, "scratch": 0.55}
+    sd.baseline_name = "empty_mask"
+    row = alignment_row(align_task("profound", "segmentation", "dice", [sd], 0, 0))
+    assert row["p_baseline"] == pytest.approx(0.55) and row["baseline_name"] == "empty_mask"
+    assert row["below_baseline"] == "random scratch"
+    assert row["rpg_below_baseline"] == "rpg_random rpg_scratch"
+    sd.baseline["finetune"] = 0.65  # now finetune itself does not beat it: every RPG involves it
+    row = alignment_row(align_task("profound", "segmentation", "dice", [sd], 0, 0))
+    assert row["below_baseline"] == "finetune random scratch"
+    assert row["rpg_below_baseline"] == "rpg_random rpg_specialised rpg_scratch"
+
+
+def test_lower_is_better_baseline_and_rpg() -> None:
+    sd = seed_data(p_ft=0.6)  # read as an error: finetune 0.6 is worse than scratch 0.4
+    sd.baseline = {"finetune": 0.55, "scratch": 0.55}
+    ta = align_task("profound", "segmentation", "err", [sd], 0, 0, higher_is_better=False)
+    assert ta.below == ["finetune"]
+    assert ta.values[0]["rpg_scratch"] == pytest.approx(-50.0)  # -(0.6 - 0.4) / 0.4
+
+
+def test_run_without_predictions_keeps_its_point_values() -> None:
+    sd = seed_data()
+    sd.predictions["scratch"] = None
+    sd.missing["scratch_predictions"] = "run s1 has no test/predictions.npz"
+    ta = align_task("profound", "segmentation", "dice", [sd], n_bootstrap=4, n_permutations=0)
+    assert ta.values[0]["rpg_scratch"] == pytest.approx(50.0) and math.isfinite(ta.values[0]["d2s"])
+    assert "rpg_scratch" not in ta.resampled and "rpg_random" in ta.resampled
+    assert ta.no_resamples["rpg_scratch"] == "scratch P is not resampled: run s1 has no test/predictions.npz"
+
+
+def test_identical_snapshots_are_detected() -> None:
+    sd = seed_data(shift=0.0)  # the finetune snapshot equals step 0: a frozen layer
+    ta = align_task("profound", "segmentation", "dice", [sd], 0, 0, layer="encoder")
+    assert ta.identical == ["d2p"] and ta.values[0]["d2p"] == pytest.approx(0.0, abs=1e-12)
+    assert alignment_row(ta)["identical"] == "d2p" and alignment_row(ta)["layer"] == "encoder"
+    moved = align_task("profound", "segmentation", "dice", [seed_data(shift=1e-3)], 0, 0)
+    assert moved.identical == []
+
+
+def test_bootstrap_resamples_seeds_as_well_as_images() -> None:
+    seeds = [seed_data(0, p_ft=0.6, shift=0.2), seed_data(1, p_ft=0.8, shift=0.9)]
+    ta = align_task("profound", "segmentation", "dice", seeds, n_bootstrap=300, n_permutations=0)
+    per_seed = [align_task("profound", "segmentation", "dice", [s], n_bootstrap=300, n_permutations=0) for s in seeds]
+    a, b = (t.resampled["d2p"] for t in per_seed)
+    got = ta.resampled["d2p"]
+    # each column is the mean of two seeds drawn with replacement: (a, a), (b, b) or one of each
+    choices = np.stack([a, b, (a + b) / 2])
+    assert np.all(np.isclose(choices, got).any(axis=0))
+    share = np.isclose(choices, got).mean(axis=1)
+    assert share[0] > 0.12 and share[1] > 0.12 and share[2] > 0.35  # 1/4, 1/4, 1/2 in expectation
+    np.testing.assert_allclose(per_seed[0].resampled["d2p"], a)  # one seed: the image bootstrap alone
+
+
+def test_correlation_warnings_for_few_tasks_mixed_kinds_and_zero_distance() -> None:
+    kinds = {"a": "mlp_hidden", "b": "decoder_features", "c": "decoder_features"}
+    tas = []
+    for k, task in enumerate(("a", "b", "c")):
+        sd = seed_data(k, 0.55 + 0.1 * k, shift=0.4 * k)
+        sd.features = {n: FeatureSnapshot(s.features, s.ids, "head_input", kinds[task]) for n, s in sd.features.items()}
+        tas.append(align_task("profound", task, "dice", [sd], 20, 0))
+    rows, _ = correlation_rows("profound", tas, [alignment_row(t) for t in tas], headline=False)
+    d2p = next(r for r in rows if r["distance"] == "d2p" and r["reference"] == "random")
+    assert d2p["warning"] == (
+        "only 3 of 5 tasks; mixes layer kinds a: mlp_hidden, b: decoder_features, c: decoder_features; "
+        "d2p identically 0 on a (layer did not train)"
+    )
+    assert d2p["kinds"] == "decoder_features mlp_hidden" and d2p["headline"] is False and d2p["layer"] == "head_input"
+    d2r = next(r for r in rows if r["distance"] == "d2r" and r["reference"] == "random")
+    assert "identically" not in d2r["warning"]

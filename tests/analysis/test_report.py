@@ -1,0 +1,81 @@
+"""The report on hand-made tables: baselines beside P, data-driven sentences, and every "-" listed with its reason."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+from common.analysis.report import MARK, Table, write_report
+
+
+def alignment(task: str, p_ft: float, p_sc: float, p_base: float, **extra: object) -> dict[str, object]:
+    row: dict[str, object] = {
+        "fm": "provicnet", "task": task, "layer": "encoder", "layer_kind": "backbone_pooled", "dim": 6,
+        "headline": True, "metric_name": "ssim", "baseline_name": "trilinear", "p_baseline": p_base,
+        "p_finetune": p_ft, "p_random": 0.1, "p_specialised": 0.5, "p_scratch": p_sc, "d2r": 0.2, "d2p": 0.1,
+        "d2s": 0.3, "rpg_random": (p_ft - 0.1) / 0.1 * 100, "rpg_specialised": (p_ft - 0.5) / 0.5 * 100,
+        "rpg_scratch": (p_ft - p_sc) / p_sc * 100, "cka_d2r": 0.1, "cka_d2p": 0.1, "cka_d2s": 0.1, "n_seeds": 1,
+        "below_baseline": "", "rpg_below_baseline": "", "identical": "", "_why": {},
+    }  # fmt: skip
+    row.update(extra)
+    return row
+
+
+def result(rows: list[dict[str, object]]) -> SimpleNamespace:
+    return SimpleNamespace(
+        alignment=rows, headline=rows, headline_layers={"provicnet": "encoder"}, correlations=[],
+        headline_correlations=[], cost=[], problems=["a problem"], warnings=["a layer warning"], curves={},
+        trajectory=[], below_baseline=[], baseline_counts={"runs": 9, "with_baseline": 8, "beat_baseline": 3},
+    )  # fmt: skip
+
+
+def test_table_lists_each_dash_with_its_reason() -> None:
+    rows = [{"fm": "a", "task": "t", "x": math.nan, "y": 1.0, "_why": {"x": "no scratch run"}},
+            {"fm": "b", "task": "t", "x": 2.0, "y": math.nan}]  # fmt: skip
+    table = Table("Headline: P", ("fm", "task", "x", "y"), rows, marks=[{"x"}, set()])
+    assert table.cells() == [["a", "t", "-" + MARK, "1"], ["b", "t", "2", "-"]]
+    assert table.dashes() == [("x", "a/t", "no scratch run"), ("y", "b/t", "not computed (see the problems below)")]
+    assert table.short == "Headline"
+
+
+def test_report_sentences_marks_and_what_could_not_be_computed(tmp_path: Path) -> None:
+    rows = [
+        alignment(
+            "super_resolution",
+            0.44,
+            0.6,
+            0.99,
+            below_baseline="finetune scratch",
+            rpg_below_baseline="rpg_random rpg_specialised rpg_scratch",
+        ),  # fmt: skip
+        alignment("distortion_correction", 0.96, 0.8, 0.94),
+        alignment(
+            "modality_translation",
+            0.5,
+            0.4,
+            0.42,
+            p_scratch=math.nan,
+            rpg_scratch=math.nan,
+            _why={"p_scratch": "no usable scratch run", "rpg_scratch": "P(reference) is missing"},
+        ),  # fmt: skip
+    ]
+    selection = SimpleNamespace(rows=lambda: [], excluded=[])
+    md_path, html_path = write_report(tmp_path, "s", "s", "sqlite:///x.db", ["demo"], {"layer": "auto"},
+                                      result(rows), selection)  # fmt: skip
+    md = md_path.read_text()
+    # super-resolution finetune 0.44 < 0.99 and scratch 0.6 < 0.99; distortion correction 0.96 > 0.94 > 0.8
+    assert ("provicnet finetune beats scratch on 1 of 2 tasks, its random-weight network on 3 of 3 tasks, the "
+            "specialised model on 1 of 3 tasks, the trivial baseline on 2 of 3 tasks.") in md  # fmt: skip
+    assert (
+        "3 of 8 runs with a logged trivial baseline beat it; 1 of the 9 selected runs logged no baseline_metric" in md
+    )
+    sr = next(line for line in md.splitlines() if line.startswith("| provicnet | super_resolution"))
+    assert sr.count(MARK.strip()) == 5  # p_finetune, p_scratch and the three RPGs
+    assert "- Headline: `p_scratch` for provicnet/modality_translation: no usable scratch run" in md
+    assert "- Headline: `rpg_scratch` for provicnet/modality_translation: P(reference) is missing" in md
+    assert "- a layer warning" in md and "- a problem" in md
+    assert "RPG** (paper Eq. 2) = (P(finetune) - P(ref)) / P(ref) × 100 %" in md
+    html = html_path.read_text()
+    assert "<div class='scroll'><table>" in html and "<b>P</b> is a run" in html
+    assert "Smoke profile" not in md

@@ -7,8 +7,11 @@ file lock, and reused afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import functools
+import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -42,9 +45,44 @@ def resolve_datalist(datalist: str | os.PathLike | None, profile: str, study_dir
     return str(Path(path).resolve())
 
 
+#: where a datalist's successful validations are remembered, next to it (skipped when that folder is read-only)
+VALIDATED_DIR = ".vfm-validated"
+
+
+def _signature(datalist: str, required_keys: tuple[str, ...]) -> str | None:
+    """A digest of the datalist's text, the keys checked and every file's size and modification time, or None when
+    a file is missing (then the full validation runs and names it)."""
+    path = Path(datalist)
+    digest = hashlib.sha256(path.read_bytes())
+    digest.update(repr(required_keys).encode())
+    root = path.parent.resolve()
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8"))
+        for split in ("training", "validation", "test"):
+            for entry in entries.get(split, []):
+                for key in sorted(k for k, v in entry.items() if isinstance(v, str) and k != "id"):
+                    stat = (root / entry[key]).stat()
+                    digest.update(f"{key}:{entry[key]}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    except (OSError, ValueError, AttributeError, TypeError):
+        return None
+    return digest.hexdigest()
+
+
 @functools.lru_cache(maxsize=8)
 def _validated(datalist: str, required_keys: tuple[str, ...]) -> dict[str, list[dict]]:
-    return load_datalist(datalist, required_keys=required_keys, allow_resample=True)
+    """The validated datalist. Every file of a cohort is opened once per cohort, not once per run: a successful
+    validation leaves a stamp keyed by :func:`_signature`, and a later run with the same files skips the file checks
+    (the structural checks always run). Any change of the datalist or of a file's size or time validates again."""
+    signature = _signature(datalist, required_keys)
+    stamp = Path(datalist).parent / VALIDATED_DIR / f"{signature}.ok" if signature else None
+    if stamp is not None and stamp.is_file():
+        return load_datalist(datalist, required_keys=required_keys, allow_resample=True, check_files=False)
+    splits = load_datalist(datalist, required_keys=required_keys, allow_resample=True)
+    if stamp is not None:
+        with contextlib.suppress(OSError):
+            stamp.parent.mkdir(exist_ok=True)
+            stamp.touch()
+    return splits
 
 
 def load_splits(datalist: str | os.PathLike, required_keys: tuple[str, ...] | list[str]) -> dict[str, list[dict]]:

@@ -21,7 +21,9 @@ class Profile:
         spatial_size: ``(H, W, D)`` every volume is resampled to before padding.
         divisible_by: ``(H, W, D)`` divisors the padded size must satisfy (the networks' total strides).
         cohort_cases: number of synthetic cases made when no datalist is given.
-        cohort_size: ``(D, H, W)`` voxel grid of the synthetic cohort's volumes (the phantom CLI order).
+        cohort_size: ``(D, H, W)`` voxel grid of the synthetic cohort's volumes (the phantom CLI order). Its D is at
+            least ``spatial_size``'s, so that the super-resolution target has native slices (DESIGN.md section 6);
+            the built-in profiles use ``spatial_size`` itself, so no native detail is lost to resampling.
         epochs: downstream training epochs (paper: 100, cosine-annealed).
         pretrain_epochs: epochs of the pretraining bundles.
         batch_size: volumes per training batch (per GPU).
@@ -29,6 +31,8 @@ class Profile:
         provicnet_size: ProViCNet backbone size (``DINOV2_SIZES``; the paper's is ``small``).
         slice_size: side ProViCNet resizes each slice to (a multiple of its 14-pixel patch).
         num_workers: data-loading worker processes.
+        learning_rate: initial AdamW learning rate of the downstream bundles (paper: 1e-4, cosine-annealed over the
+            epochs); the demo profile trains a few hundred steps and uses a larger one.
         sample_steps: DDIM steps of the modality-translation sampler at test time.
         transformer_size: key of :data:`TRANSFORMER_SIZES`: the specialised transformers', the DDPM UNet's and the
             ProViCNet pretraining heads' sizes (``"tiny"`` on CPU, ``"base"`` the published ones).
@@ -61,6 +65,7 @@ class Profile:
     train_steps_per_epoch: int | None = 4
     sample_steps: int = 4
     transformer_size: str = "tiny"
+    learning_rate: float = 1e-4
 
     @property
     def transformer(self) -> dict[str, int]:
@@ -90,25 +95,25 @@ TRANSFORMER_SIZES: dict[str, dict] = {
 # 200 -> 224 in-plane, which is also a multiple of ProViCNet's 14-pixel patch, and 96 slices stay 96.
 PROFILES: dict[str, Profile] = {
     "smoke": Profile(
-        "smoke", spatial_size=(64, 64, 32), divisible_by=(32, 32, 16), cohort_cases=40, cohort_size=(24, 96, 96),
+        "smoke", spatial_size=(64, 64, 32), divisible_by=(32, 32, 16), cohort_cases=40, cohort_size=(32, 64, 64),
         epochs=2, pretrain_epochs=3, batch_size=2, profound_size="atto", provicnet_size="tiny", slice_size=56,
         num_workers=0, lesion_patch_fraction=0.02,
     ),
     # demo: the whole study on 2 CPU cores within 90 minutes, with test splits large enough to measure (40 PROMIS-split
     # test images, 12 of them PI-RADS 1-2; 60 in the few-shot split) and training long enough to beat the baselines
     "demo": Profile(
-        "demo", spatial_size=(64, 64, 32), divisible_by=(32, 32, 16), cohort_cases=200, cohort_size=(24, 96, 96),
+        "demo", spatial_size=(64, 64, 32), divisible_by=(32, 32, 16), cohort_cases=200, cohort_size=(32, 64, 64),
         epochs=4, pretrain_epochs=3, batch_size=2, profound_size="atto", provicnet_size="tiny", slice_size=56,
         num_workers=0, lesion_patch_fraction=0.02, train_steps_per_epoch=40,
     ),
     "gpu": Profile(
-        "gpu", spatial_size=(128, 128, 64), divisible_by=(32, 32, 16), cohort_cases=160, cohort_size=(32, 160, 160),
+        "gpu", spatial_size=(128, 128, 64), divisible_by=(32, 32, 16), cohort_cases=160, cohort_size=(64, 128, 128),
         epochs=20, pretrain_epochs=50, batch_size=2, profound_size="tiny", provicnet_size="small", slice_size=224,
         num_workers=4, lesion_patch_fraction=0.25, decoder_channels=512, train_steps_per_epoch=None, sample_steps=10,
         transformer_size="base",
     ),
     "paper": Profile(
-        "paper", spatial_size=(200, 200, 96), divisible_by=(32, 32, 16), cohort_cases=740, cohort_size=(32, 256, 256),
+        "paper", spatial_size=(200, 200, 96), divisible_by=(32, 32, 16), cohort_cases=740, cohort_size=(96, 200, 200),
         epochs=100, pretrain_epochs=300, batch_size=2, profound_size="tiny", provicnet_size="small", slice_size=448,
         num_workers=8, lesion_patch_fraction=62 / 64, decoder_channels=512, train_steps_per_epoch=None, sample_steps=10,
         transformer_size="base",

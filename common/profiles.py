@@ -103,8 +103,8 @@ PROFILES: dict[str, Profile] = {
     # test images, 12 of them PI-RADS 1-2; 60 in the few-shot split) and training long enough to beat the baselines
     "demo": Profile(
         "demo", spatial_size=(64, 64, 32), divisible_by=(32, 32, 16), cohort_cases=200, cohort_size=(32, 64, 64),
-        epochs=4, pretrain_epochs=3, batch_size=2, profound_size="atto", provicnet_size="tiny", slice_size=56,
-        num_workers=0, lesion_patch_fraction=0.02, train_steps_per_epoch=40,
+        epochs=6, pretrain_epochs=2, batch_size=2, profound_size="atto", provicnet_size="tiny", slice_size=56,
+        num_workers=0, lesion_patch_fraction=0.02, train_steps_per_epoch=40, learning_rate=5e-4,
     ),
     "gpu": Profile(
         "gpu", spatial_size=(128, 128, 64), divisible_by=(32, 32, 16), cohort_cases=160, cohort_size=(64, 128, 128),

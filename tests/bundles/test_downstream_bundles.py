@@ -81,7 +81,7 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             from common.pretraining.dino import save_student_checkpoint
             from common.pretraining.fcmae import save_encoder_checkpoint
 
-            make_cohort(root / "cohort", cases=24, seed=0, size=(24, 96, 96))
+            make_cohort(root / "cohort", cases=24, seed=0, size=(32, 64, 64))
             torch.manual_seed(0)
             save_encoder_checkpoint(FCMAEPretrainer(encoder_size="atto", in_channels=3), paths["profound"])
             student = ProViCNetPretrainer(backbone_size="tiny", in_chans=3, out_dim=64, patch_out_dim=64)

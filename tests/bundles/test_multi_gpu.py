@@ -39,7 +39,7 @@ def _torchrun(bundle: str, study_dir: Path, datalist: Path) -> subprocess.Comple
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_cohort(tmp_path_factory.mktemp("ddp_cohort"), cases=6, seed=0, size=(24, 96, 96))
+    return make_cohort(tmp_path_factory.mktemp("ddp_cohort"), cases=6, seed=0, size=(32, 64, 64))
 
 
 @pytest.mark.slow

@@ -32,7 +32,7 @@ def _command(bundle: str, study_dir: Path, datalist: Path, *extra: str) -> list[
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("pretrain")
-    datalist = make_cohort(root / "cohort", cases=10, seed=0, size=(24, 96, 96))  # the smoke grid
+    datalist = make_cohort(root / "cohort", cases=10, seed=0, size=(32, 64, 64))  # the smoke grid
     study = root / "study"
     plain_output = root / "plain_output"  # given without '$': the executed config must still be logged
     extra = {"profound_pretrain": (), "provicnet_pretrain": ("--out_dim", "64", "--patch_out_dim", "256",

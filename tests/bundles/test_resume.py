@@ -21,7 +21,7 @@ EPOCHS = 3
 
 @pytest.mark.slow
 def test_killed_run_resumes_into_the_same_mlflow_run(tmp_path: Path) -> None:
-    datalist = make_cohort(tmp_path / "cohort", cases=6, seed=0, size=(24, 96, 96))
+    datalist = make_cohort(tmp_path / "cohort", cases=6, seed=0, size=(32, 64, 64))
     study = tmp_path / "study"
     command = [sys.executable, "-m", "monai.bundle", "run",
                "--config_file", str(REPO / "bundles" / "provicnet_pretrain" / "configs" / "train.json"),

@@ -294,7 +294,7 @@ def test_reduced_study_with_a_failure_then_resume_then_nothing_to_do(tmp_path: P
     what finished and runs the rest and the analysis; the third has nothing to do."""
     from common.data.phantom import make_cohort
 
-    datalist = make_cohort(tmp_path / "cohort", cases=10, seed=0, size=(24, 96, 96))
+    datalist = make_cohort(tmp_path / "cohort", cases=10, seed=0, size=(32, 64, 64))
     study_dir = tmp_path / "study"
     downstream = [b for b in ("provicnet_classification_finetune", "profound_classification_finetune")
                   if (REPO / "bundles" / b / "configs" / "train.json").is_file()]  # fmt: skip

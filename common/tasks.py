@@ -47,6 +47,8 @@ class Task:
         snapshot_key: the batch entry the feature snapshots encode.
         image_to_image: a restoration task whose networks predict a residual over the degraded input.
         upsample: per-axis factor ``(H, W, D)`` from the input to the target grid of an image-to-image task.
+        pipeline: dotted path of the function ``(seed, deterministic) -> TaskSteps`` that adds the task's own
+            transforms to the shared preprocessing (``common.transforms.pipelines``).
     """
 
     id: str
@@ -64,6 +66,11 @@ class Task:
     snapshot_key: str = "image"
     image_to_image: bool = False
     upsample: tuple[int, int, int] = (1, 1, 1)
+    pipeline: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.pipeline:  # the convention: common.transforms.pipelines.<id>_steps
+            object.__setattr__(self, "pipeline", f"common.transforms.pipelines.{self.id}_steps")
 
     @property
     def required_keys(self) -> tuple[str, ...]:

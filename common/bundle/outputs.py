@@ -16,11 +16,9 @@ import torch
 from torch import nn
 
 from common.networks._state import load_weights, state_dict_problems
-
-from .engine import unwrap_model
 from common.tasks import get_task
 
-from .engine import plain_tensor
+from .engine import plain_tensor, unwrap_model
 from .snapshots import TestPredictions, collect_ids, evaluating, resolve_device
 
 __all__ = ["init_distributed", "load_trained", "report_evaluation", "write_predictions"]

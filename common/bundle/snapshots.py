@@ -415,7 +415,9 @@ class TestPredictions:
         if postprocess is not None and not callable(postprocess):
             raise ValueError("TestPredictions: postprocess must be callable.")
         if dice_convention not in DICE_CONVENTIONS:
-            raise ValueError(f"TestPredictions: dice_convention must be one of {DICE_CONVENTIONS}, not {dice_convention!r}")
+            raise ValueError(
+                f"TestPredictions: dice_convention must be one of {DICE_CONVENTIONS}, not {dice_convention!r}."
+            )
         if inferer is None:
             from monai.inferers import SimpleInferer
 

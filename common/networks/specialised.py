@@ -27,6 +27,8 @@ from monai.networks.nets.diffusion_model_unet import DiffusionModelUNet, get_tim
 from monai.networks.nets.resnet import ResNet, ResNetBottleneck, get_inplanes
 from torch import nn
 
+from common.tasks import TASKS
+
 from .transunet import TransUNet3d
 
 __all__ = [
@@ -454,14 +456,8 @@ class ConditionalDiffusionUNet(DiffusionModelUNet):
         return {"head_input": "decoder_features", "encoder": "diffusion_bottleneck"}
 
 
-#: Task id -> specialised model name (paper section 3.1; DESIGN.md section 2).
-SPECIALISED_MODELS: dict[str, str] = {
-    "classification": "resnet50",
-    "segmentation": "unet",
-    "super_resolution": "transunet",
-    "distortion_correction": "vit",
-    "modality_translation": "ddpm",
-}
+#: Task id -> specialised model name (paper section 3.1; DESIGN.md section 2), from the task registry.
+SPECIALISED_MODELS: dict[str, str] = {task.id: task.specialised_model for task in TASKS.values()}
 
 _MODEL_CLASSES: dict[str, type[nn.Module]] = {
     "resnet50": ResNet50Classifier,

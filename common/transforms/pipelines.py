@@ -29,6 +29,7 @@ evaluation data are identical in every run and every order.
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -42,6 +43,7 @@ from monai.transforms import (
     Resized,
     SelectItemsd,
 )
+from monai.utils.module import locate
 
 from common.profiles import Profile, get_profile
 from common.tasks import get_task, task_ids
@@ -182,6 +184,47 @@ def pretrain_transforms(
     return pipeline
 
 
+@dataclass(frozen=True)
+class TaskSteps:
+    """What one task adds to the shared preprocessing (:func:`task_transforms`): deterministic ``steps`` that make
+    ``image`` and ``label``, the keys a training flip moves together, ``random_steps`` after the flips (cached
+    datasets cache everything before them) and the extra keys it records."""
+
+    steps: list
+    flip_keys: tuple[str, ...]
+    random_steps: list = field(default_factory=list)
+    records: tuple[str, ...] = ()
+
+
+def classification_steps(seed: int, deterministic: bool) -> TaskSteps:
+    """T2W -> ``image``; PI-RADS -> class ``label`` 0..3."""
+    return TaskSteps([PiradsToClassd(keys="pirads", output_keys="label"), _MoveItemsd(["t2w"], ["image"])], ("image",))
+
+
+def segmentation_steps(seed: int, deterministic: bool) -> TaskSteps:
+    """Lesion -> ``label``; ``image`` = [T2W, ADC or DWI], the diffusion map drawn per case (recorded)."""
+    choose = RandDiffusionChoiced(seed=seed, deterministic_per_case=deterministic)
+    return TaskSteps([_MoveItemsd(["lesion"], ["label"])], ("t2w", "adc", "dwi", "label"), [choose], ("diffusion",))
+
+
+def super_resolution_steps(seed: int, deterministic: bool) -> TaskSteps:
+    """T2W with pairs of slices averaged -> ``image``; T2W -> ``label``."""
+    return TaskSteps([SliceDecimated(keys="t2w", factor=2, mode="average", output_keys="image"),
+                      _MoveItemsd(["t2w"], ["label"])], ("image", "label"))  # fmt: skip
+
+
+def distortion_correction_steps(seed: int, deterministic: bool) -> TaskSteps:
+    """T2W warped at the rectum (drawn per case) -> ``image``; T2W -> ``label``."""
+    distort = RectalDistortiond(keys="image", rectum_key="rectum", target_keys="label", seed=seed,
+                                deterministic_per_case=deterministic)  # fmt: skip
+    return TaskSteps([_MoveItemsd(["t2w"], ["image"])], ("image", "rectum"), [distort])
+
+
+def modality_translation_steps(seed: int, deterministic: bool) -> TaskSteps:
+    """T2W -> ``image`` (the condition); high-b DWI -> ``label``."""
+    return TaskSteps([_MoveItemsd(["t2w", "dwi"], ["image", "label"])], ("image", "label"))
+
+
 def task_transforms(
     task: str,
     profile: str | Profile = "smoke",
@@ -213,34 +256,10 @@ def task_transforms(
     needed = [k for k in required_keys(task) if k != "id" or not train] + list(extras)
     steps: list = [_RequireKeysd(needed, task), *_preprocess_steps(volumes, prof)]
 
-    deterministic = not train
-    random_steps: list = []
-    records: tuple[str, ...] = ()
-    if task == "classification":
-        steps += [PiradsToClassd(keys="pirads", output_keys="label"), _MoveItemsd(["t2w"], ["image"])]
-        flip_keys = ["image"]
-    elif task == "segmentation":
-        steps.append(_MoveItemsd(["lesion"], ["label"]))
-        flip_keys = ["t2w", "adc", "dwi", "label"]
-        random_steps.append(RandDiffusionChoiced(seed=seed, deterministic_per_case=deterministic))
-        records = ("diffusion",)
-    elif task == "super_resolution":
-        steps += [
-            SliceDecimated(keys="t2w", factor=2, mode="average", output_keys="image"),
-            _MoveItemsd(["t2w"], ["label"]),
-        ]
-        flip_keys = ["image", "label"]
-    elif task == "distortion_correction":
-        steps.append(_MoveItemsd(["t2w"], ["image"]))
-        flip_keys = ["image", "rectum"]
-        random_steps.append(
-            RectalDistortiond(
-                keys="image", rectum_key="rectum", target_keys="label", seed=seed, deterministic_per_case=deterministic
-            )
-        )
-    else:  # modality_translation
-        steps.append(_MoveItemsd(["t2w", "dwi"], ["image", "label"]))
-        flip_keys = ["image", "label"]
+    builder = locate(get_task(task).pipeline)
+    task_steps = builder(seed=seed, deterministic=not train)
+    steps += task_steps.steps
+    flip_keys, random_steps, records = task_steps.flip_keys, task_steps.random_steps, task_steps.records
 
     if train and flip_prob > 0:
         steps.append(RandFlipd(keys=[*flip_keys, *extras], prob=flip_prob, spatial_axis=0))

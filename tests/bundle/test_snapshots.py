@@ -285,7 +285,9 @@ def test_segmentation_dice_per_image_with_lesion_free_cases(tmp_path: Path, conv
         dice_all.append(1.0 if total == 0 else 2.0 * (a & b).sum() / total)
         lesion.append(bool(b.any()))
     assert dice_all[1:4] == [1.0, 0.0, 0.0] and 0.2 < dice_all[0] < 0.9 and lesion == [True, False, True, False, True]
-    expected = dice_all if convention == "all_cases" else [d if k else np.nan for d, k in zip(dice_all, lesion)]
+    expected = (
+        dice_all if convention == "all_cases" else [d if k else np.nan for d, k in zip(dice_all, lesion, strict=True)]
+    )
     data = _load(tmp_path / "test" / "predictions.npz")
     assert sorted(data) == ["baseline_per_image", "ids", "per_image"]
     assert data["ids"].tolist() == ["p0", "p1", "p2", "p3", "p4"]

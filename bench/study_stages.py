@@ -15,12 +15,15 @@ Usage (from the repository root)::
     python bench/study_stages.py --timing results/study-smoke/study_timing.json   # tabulate a study already run
     python bench/study_stages.py -- --only '*_pretrain' --override '*' epochs=1   # runner options after --
 
-Writes ``bench/results/study_stages_<machine>.json`` (``--machine``; default the GPU's name, else ``cpu<cores>``).
+With the study's analysis there, its headline table (``analysis/alignment.csv``, P beside the trivial baseline) is
+printed and kept too. Writes ``bench/results/study_stages_<profile>_<machine>.json`` (``--machine``; default the
+GPU's name, else ``cpu<cores>``).
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import platform
 import re
@@ -70,6 +73,42 @@ def format_table(rows: list[dict], total: float) -> str:
             f"| {r['stage']} | {runs} | {failed} | {r['run_seconds']:.0f} | {r['span_seconds']:.0f} | {mean} |"
         )
     lines.append(f"| **whole study (wall)** | | | | {total:.0f} | |")
+    return "\n".join(lines)
+
+
+#: the columns of the report's headline table that the benchmark keeps (``tools/docs/README.md``, alignment.csv)
+HEADLINE_COLUMNS = (
+    "fm",
+    "task",
+    "layer",
+    "baseline_name",
+    "p_baseline",
+    "p_finetune",
+    "p_random",
+    "p_specialised",
+    "p_scratch",
+    "below_baseline",
+    "d2r",
+    "d2p",
+    "d2s",
+    "rpg_random",
+    "rpg_specialised",
+    "rpg_scratch",
+)
+
+
+def headline_rows(path: Path) -> list[dict]:
+    """The headline-layer rows of the analysis's ``alignment.csv`` (empty when the study has no analysis)."""
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("headline", "True") in ("True", "true", "1")]
+    return [{c: r.get(c, "") for c in HEADLINE_COLUMNS} for r in rows]
+
+
+def format_headline(rows: list[dict]) -> str:
+    lines = ["| " + " | ".join(HEADLINE_COLUMNS) + " |", "|" + "---|" * len(HEADLINE_COLUMNS)]
+    lines += ["| " + " | ".join(str(r[c]) for c in HEADLINE_COLUMNS) + " |" for r in rows]
     return "\n".join(lines)
 
 
@@ -143,10 +182,14 @@ def main(argv: list[str] | None = None) -> int:
     device = ", ".join(info["gpus"]) if info["gpus"] else f"{info['cores']} CPU cores ({info['cpu']})"
     print(f"\nStudy stages, profile {timing['profile']}, {timing['jobs']} runs at once on {device}:\n")
     print(format_table(rows, total))
+    headline = headline_rows(timing_path.parent / "analysis" / "alignment.csv")
+    if headline:
+        print(f"\nThe report's headline table ({len(headline)} rows, P beside its trivial baseline):\n")
+        print(format_headline(headline))
     result = {"date": time.strftime("%Y-%m-%d"), "machine": info, "command": command, "profile": timing["profile"],
               "seeds": timing["seeds"], "total_wall_seconds": round(total, 1), "runner_exit_code": code,
-              "stages": rows, "runs": timing["runs"]}  # fmt: skip
-    out = Path(args.out) / f"study_stages_{name}.json"
+              "stages": rows, "headline": headline, "runs": timing["runs"]}  # fmt: skip
+    out = Path(args.out) / f"study_stages_{timing['profile']}_{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\n-> {out}")

@@ -106,9 +106,16 @@ def headline_rows(path: Path) -> list[dict]:
     return [{c: r.get(c, "") for c in HEADLINE_COLUMNS} for r in rows]
 
 
+def _cell(value: str) -> str:
+    try:
+        return f"{float(value):.4g}"
+    except ValueError:
+        return value
+
+
 def format_headline(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(HEADLINE_COLUMNS) + " |", "|" + "---|" * len(HEADLINE_COLUMNS)]
-    lines += ["| " + " | ".join(str(r[c]) for c in HEADLINE_COLUMNS) + " |" for r in rows]
+    lines += ["| " + " | ".join(_cell(str(r[c])) for c in HEADLINE_COLUMNS) + " |" for r in rows]
     return "\n".join(lines)
 
 

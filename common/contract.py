@@ -18,11 +18,13 @@ images (``nanmean``), or the task's classification metric of ``scores``.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 __all__ = [
     "FEATURES_DIR",
     "LAYERS",
     "LAYER_KINDS",
+    "METADATA_SCHEMA",
     "METRIC_BASELINE",
     "METRIC_TEST",
     "METRIC_TEST_AUC",
@@ -37,6 +39,9 @@ __all__ = [
     "feature_file_name",
     "parse_feature_artifact",
 ]
+
+#: MONAI's bundle metadata schema 20240725, carried in the repository (``common/configs/schema/README.md``)
+METADATA_SCHEMA = Path(__file__).resolve().parent / "configs" / "schema" / "meta_schema_20240725.json"
 
 FEATURES_DIR = "features"
 PREDICTIONS_ARTIFACT = "test/predictions.npz"

@@ -33,7 +33,7 @@ import torch
 from mlflow import MlflowClient
 
 from common.bundle import sqlite_uri
-from common.contract import LAYER_KINDS
+from common.contract import LAYER_KINDS, METADATA_SCHEMA
 from common.data.phantom import make_cohort
 from common.foundation_models import FOUNDATION_MODELS
 from common.tasks import TASKS, get_task
@@ -41,7 +41,7 @@ from common.tasks import TASKS, get_task
 from .helpers import kill_after_first_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
-SCHEMA = REPO.parent / "shared" / "monai" / "meta_schema_20240725.json"
+SCHEMA = METADATA_SCHEMA
 TRACKING = str(REPO / "mlflow_config" / "sqlite.json")
 DOWNSTREAM = [f"{fm}_{task}_{regime}" for fm in FOUNDATION_MODELS for task in TASKS
               for regime in ("finetune", "scratch")]  # fmt: skip

@@ -13,11 +13,12 @@ import torch
 from mlflow import MlflowClient
 
 from common.bundle import sqlite_uri
+from common.contract import METADATA_SCHEMA
 from common.data.phantom import make_cohort
 from common.networks import ProFoundDense, ProViCNetDense, load_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
-SCHEMA = REPO.parent / "shared" / "monai" / "meta_schema_20240725.json"
+SCHEMA = METADATA_SCHEMA
 BUNDLES = ("profound_pretrain", "provicnet_pretrain")
 EPOCHS = 3
 

@@ -14,8 +14,12 @@ from the repository root, which the bundles need (their configs name shared frag
 - Resume: a run is done when the store holds a FINISHED run with its tags (study, bundle, regime, seed, profile)
   and, where that run recorded them as params, the same datalist and pretrained weights. Done runs are skipped;
   ``--force`` runs them again into new MLflow runs (the analysis uses the latest). An interrupted run is started with
-  the same command and continues from its checkpoints into its own MLflow run: the bundles do that themselves. The
+  the same command and continues from its checkpoints into its own MLflow run: the bundles do that themselves. A
+  run left RUNNING by a process that is gone (SIGKILL, the OOM killer) is marked KILLED before the grid starts. The
   analysis is skipped while its report is newer than every finished run of the study.
+- Life cycle (DESIGN.md section 10): the tracking URI is checked before any work; each bundle runs in its own
+  process group and gets SIGTERM when the runner dies (even by SIGKILL), so no bundle outlives it; the bundles hold
+  the study lock's file too, so a second runner cannot start while a bundle of the first one still runs.
 - Parallel: ``--jobs`` runs at once (default one per GPU; on CPU as many as the cores and the memory bear), each with
   ``cores / jobs`` torch threads and its own log ``<study_dir>/logs/<run>.log``. A failed run does not stop the
   others; the runs that need it are not started. The synthetic cohort and the tracking store are made once before
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import fcntl
 import fnmatch
 import json
@@ -459,12 +464,35 @@ def _raise_interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _die_with(parent: int):
+    """A ``preexec_fn`` for a child of process ``parent``: the kernel sends it SIGTERM when ``parent`` dies, however
+    it dies (SIGKILL, the OOM killer), so that the child marks its run KILLED and ends instead of living on as an
+    orphan that a rerun would run beside. A no-op where there is no ``prctl`` (not Linux)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        prctl = libc.prctl
+    except (OSError, AttributeError):
+        return None
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before the line above
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return preexec
+
+
 class Executor:
     """Runs the pending outcomes' bundles, at most ``jobs`` at once, each in its own process group with its log.
 
     A run starts when every run it depends on is done or finished; it is ``blocked`` when one of them failed. The
     analysis starts when nothing else is pending or running, whatever failed, and is skipped (``done``) when
-    ``analysis_current`` and no run finished in this invocation. ``record`` is called after every change.
+    ``analysis_current`` and no run finished in this invocation. ``record`` is called after every change. Each
+    bundle gets SIGTERM when the runner dies, and keeps ``hold_fds`` open (the study lock, so that it is held until
+    the last bundle ends).
     """
 
     def __init__(
@@ -480,6 +508,7 @@ class Executor:
         analysis_current: bool = False,
         record=None,
         poll: float = 0.5,
+        hold_fds: Sequence[int] = (),
     ) -> None:
         self.outcomes = {o.run.name: o for o in outcomes}
         self.jobs, self.threads, self.gpus = jobs, threads, list(gpus)
@@ -489,6 +518,7 @@ class Executor:
         self.analysis_current = analysis_current
         self.record = record or (lambda: None)
         self.poll = poll
+        self.hold_fds = tuple(hold_fds)
         self.start = time.monotonic()
         self._procs: dict[int, tuple[Outcome, subprocess.Popen, TextIO]] = {}
         pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
@@ -555,7 +585,8 @@ class Executor:
         log.flush()
         outcome.resumed = resumable(run)
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+                                stdin=subprocess.DEVNULL, start_new_session=True, pass_fds=self.hold_fds,
+                                preexec_fn=_die_with(os.getpid()))  # fmt: skip
         outcome.status, outcome.log, outcome.started = "running", str(log_path), time.monotonic()
         outcome.start_s = outcome.started - self.start
         self._procs[slot] = (outcome, proc, log)
@@ -894,24 +925,23 @@ class UsageError(ValueError):
 
 
 @contextlib.contextmanager
-def _study_lock(study_dir: Path) -> Iterator[None]:
-    """Hold ``<study_dir>/.study.lock``: two runners on one study would start the same runs twice."""
+def _study_lock(study_dir: Path) -> Iterator[int]:
+    """Hold ``<study_dir>/.study.lock`` and yield its file descriptor: two runners on one study would start the same
+    runs twice. The lock belongs to the open file, which the runner's bundles inherit, so it lasts until the runner and
+    every bundle it started have ended (it is never unlocked explicitly, which would release it for them too)."""
     study_dir.mkdir(parents=True, exist_ok=True)
     with open(study_dir / ".study.lock", "a+") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.seek(0)
-            raise UsageError(f"another tools.study runs on {study_dir} ({handle.read().strip()}); wait for it or "
-                             "stop it") from None  # fmt: skip
+            raise UsageError(f"another tools.study runs on {study_dir} (runner {handle.read().strip()}, or a bundle it "
+                             "started that still runs); wait for it or stop it") from None  # fmt: skip
         handle.seek(0)
         handle.truncate()
         handle.write(f"pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
         handle.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+        yield handle.fileno()
 
 
 def _display(path: Path | str) -> str:
@@ -1053,10 +1083,23 @@ def _main(args: argparse.Namespace, out: TextIO) -> int:
         return 0
 
     runs = _plan(args, study, uri)
+    _check_store(uri, study)
     if args.dry_run:
         return _dry_run(runs, study, uri, args, out)
-    with _study_lock(study.study_dir):
-        return _run_here(runs, study, uri, args, out)
+    with _study_lock(study.study_dir) as lock_fd:
+        return _run_here(runs, study, uri, args, out, hold_fds=(lock_fd,))
+
+
+def _check_store(uri: str, study: Study) -> None:
+    """The tracking store, checked before any work (DESIGN.md section 10): a known kind, a server that answers, a
+    SQLite folder that exists unless it is the study folder, which the runner makes."""
+    from common.bundle.tracking import check_tracking_uri, sqlite_path
+
+    db = sqlite_path(uri)
+    try:
+        check_tracking_uri(uri, create=db is not None and db.parent == study.study_dir)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
 
 
 def _dry_run(runs: Sequence[Run], study: Study, uri: str, args: argparse.Namespace, out: TextIO) -> int:
@@ -1078,7 +1121,9 @@ def _dry_run(runs: Sequence[Run], study: Study, uri: str, args: argparse.Namespa
     return 0
 
 
-def _run_here(runs: Sequence[Run], study: Study, uri: str, args: argparse.Namespace, out: TextIO) -> int:
+def _run_here(
+    runs: Sequence[Run], study: Study, uri: str, args: argparse.Namespace, out: TextIO, hold_fds: Sequence[int] = ()
+) -> int:
     start_wall = time.monotonic()
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     cores, memory, gpus = cpu_count(), memory_gb(), visible_gpus()
@@ -1105,6 +1150,12 @@ def _run_here(runs: Sequence[Run], study: Study, uri: str, args: argparse.Namesp
     ensure_experiment(uri, study.name)  # once, before parallel runs (DESIGN.md section 5)
     finished = finished_runs(uri, study.name)
 
+    from common.bundle.tracking import mark_abandoned
+
+    abandoned = [r.name for r in runs if r.output_dir and mark_abandoned(r.output_dir)]
+    if abandoned:
+        print(f"Marked KILLED {len(abandoned)} run(s) left RUNNING by a process that is gone: {', '.join(abandoned)} "
+              "(those with checkpoints resume).", file=out)  # fmt: skip
     outcomes = [Outcome(r) for r in runs]
     names = {r.name for r in runs}
     grid = {r.name: r for r in build_grid(study, uri)}
@@ -1149,7 +1200,8 @@ def _run_here(runs: Sequence[Run], study: Study, uri: str, args: argparse.Namesp
         })  # fmt: skip
 
     executor = Executor(outcomes, jobs=jobs, threads=threads, gpus=gpus, tracking_uri=uri, logs_dir=study.logs_dir,
-                        progress=Progress(out), analysis_current=analysis_current, record=record)  # fmt: skip
+                        progress=Progress(out), analysis_current=analysis_current, record=record,
+                        hold_fds=hold_fds)  # fmt: skip
     completed = executor.run()
     record()
     _summary(outcomes, study, uri, time.monotonic() - start_wall, out)

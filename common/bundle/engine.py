@@ -176,8 +176,12 @@ def atomic_save(obj: object, path: str | os.PathLike) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:  # Ctrl-C or SIGTERM mid-write: leave no half file behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def plain_prepare_batch(batchdata, device=None, non_blocking: bool = False, **kwargs):

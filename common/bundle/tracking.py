@@ -9,6 +9,13 @@ MONAI 1.6.1 + MLflow 3 with SQLite.
   checkpoint, and it finds that run by the id it wrote to ``<output_dir>/mlflow_run.json``.
 - The executed config is logged from the file MONAI wrote, whether ``--output_dir`` was given with or without
   ``$`` (a plain path makes MONAI's recorded config path a literal string that names no file).
+- A run's status is always true (DESIGN.md section 10): the tracker's exception handler runs before every other one
+  (MONAI's ``StatsHandler`` logs and re-raises, which would skip the handlers after it), SIGTERM is handled like
+  Ctrl-C, and a RUNNING run whose process is gone is marked KILLED by the next process on its output folder.
+- One writer per output folder: an exclusive ``flock`` on ``<output_dir>/.run.lock``, which the OS releases when
+  the process dies, so a crash never leaves a stale lock.
+- The tracking URI is checked (:func:`check_tracking_uri`) before the run touches the store: a server that does not
+  answer is one clear error within seconds instead of minutes of retries.
 
 :class:`StudyTracker` is an Ignite handler; ``mlflow_config/*.json`` adds it to a bundle's trainer through MONAI's
 own ``--tracking`` option.
@@ -22,19 +29,41 @@ import json
 import logging
 import math
 import os
+import signal
+import socket
 import subprocess
 import time
+import urllib.parse
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
 
-__all__ = ["StudyTracker", "ensure_experiment", "git_commit", "sqlite_path", "sqlite_uri", "unique_run_name"]
+__all__ = [
+    "RunFolderBusy",
+    "StudyTracker",
+    "Terminated",
+    "check_tracking_uri",
+    "ensure_experiment",
+    "git_commit",
+    "hold_run_folder",
+    "mark_abandoned",
+    "sqlite_path",
+    "sqlite_uri",
+    "unique_run_name",
+]
 
 logger = logging.getLogger(__name__)
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 STATE_FILE = "mlflow_run.json"
+LOCK_FILE = ".run.lock"
+#: schemes of the stores MLflow can track to (``postgresql+psycopg2`` counts as ``postgresql``)
+STORE_SCHEMES = ("sqlite", "http", "https", "file", "postgresql", "mysql", "mssql")
+#: seconds a tracking server has to accept a connection
+SERVER_TIMEOUT = 3.0
+#: exit status of a process ended by SIGTERM (128 + 15), kept when the tracker handles the signal
+SIGTERM_EXIT = 128 + signal.SIGTERM
 
 
 def sqlite_uri(path: str | os.PathLike) -> str:
@@ -45,6 +74,128 @@ def sqlite_uri(path: str | os.PathLike) -> str:
 def sqlite_path(uri: str) -> Path | None:
     """The database file of a ``sqlite:///`` URI, or None for any other store."""
     return Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
+
+
+def check_tracking_uri(uri: str, timeout: float = SERVER_TIMEOUT, create: bool = False) -> str:
+    """``uri`` when a run can report to it, else a ``ValueError`` that names it and says what to do.
+
+    The scheme must be one MLflow stores runs in (``STORE_SCHEMES``); an ``http(s)`` server must accept a connection
+    within ``timeout`` seconds (MLflow itself retries for minutes); the folder of a ``sqlite:///`` or ``file:`` store
+    must exist, unless ``create`` (a mistyped path would otherwise make new folders and an empty store)."""
+    uri = str(uri or "")
+    scheme = urllib.parse.urlsplit(uri).scheme.split("+")[0].lower()
+    use = ("use sqlite:////absolute/path/mlflow.db for a local store or http://HOST:PORT for an MLflow server "
+           "(README, 'Tracking server')")  # fmt: skip
+    if "://" not in uri or scheme not in STORE_SCHEMES:
+        kind = f"scheme {scheme!r}" if scheme else "no scheme"
+        raise ValueError(f"tracking URI {uri!r}: unknown kind of store ({kind}); {use}")
+    if scheme in ("http", "https"):
+        parts = urllib.parse.urlsplit(uri)
+        try:
+            port = parts.port or (443 if scheme == "https" else 80)
+            with socket.create_connection((parts.hostname or "", port), timeout=timeout):
+                pass
+        except (OSError, ValueError) as err:
+            raise ValueError(
+                f"tracking URI {uri}: no MLflow server answers there within {timeout:g} s ({err}). Start it "
+                "(README, 'Tracking server': mlflow server --host 0.0.0.0 --port 5000 ...), check the host and port, "
+                "or track to a local store with --tracking_uri sqlite:////absolute/path/mlflow.db"
+            ) from None
+        return uri
+    folder = sqlite_path(uri).parent if scheme == "sqlite" else None
+    if scheme == "sqlite" and sqlite_path(uri) is None:
+        raise ValueError(f"tracking URI {uri!r}: a SQLite store is sqlite:/// followed by the database file; {use}")
+    if scheme == "file":
+        folder = Path(urllib.parse.urlsplit(uri).path).parent
+    if folder is not None and not create and not folder.is_dir():
+        raise ValueError(
+            f"tracking URI {uri}: the folder {folder} does not exist (a mistyped path?). Create it first if it is "
+            "meant, or pass the study's store (<study_dir>/mlflow.db)"
+        )
+    return uri
+
+
+class Terminated(SystemExit):
+    """SIGTERM, raised in the main thread while a tracked run trains (Slurm's ``scancel`` and time limit, ``docker
+    stop``): the run is marked KILLED like on Ctrl-C, and the process exits with status 143 as if killed by it."""
+
+    def __init__(self) -> None:
+        super().__init__(SIGTERM_EXIT)
+
+    def __str__(self) -> str:
+        return "terminated by SIGTERM"
+
+
+class RunFolderBusy(RuntimeError):
+    """Another live process holds the output folder's lock (one writer per run, DESIGN.md section 10)."""
+
+
+def _lock_holder(handle) -> str:
+    handle.seek(0)
+    return handle.read().strip() or "another process"
+
+
+def hold_run_folder(output_dir: str | os.PathLike):
+    """Take the exclusive lock of the run folder ``output_dir`` (made if new) and return its open lock file: the
+    lock lasts while that file is open, and the OS releases it when the process dies. Raises :class:`RunFolderBusy`
+    naming the PID of the process that holds it."""
+    folder = Path(output_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    handle = open(folder / LOCK_FILE, "a+")  # noqa: SIM115 - open for the life of the run
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _lock_holder(handle)
+        handle.close()
+        raise RunFolderBusy(
+            f"{folder} is in use by {holder}: another run is writing there. Wait for it to end, stop it (kill the "
+            "PID), or pass another --output_dir."
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    handle.flush()
+    return handle
+
+
+def mark_abandoned(output_dir: str | os.PathLike, locked: bool = False) -> str | None:
+    """Mark KILLED the MLflow run that ``<output_dir>/mlflow_run.json`` says is RUNNING when no live process holds
+    the folder (its process was killed without warning, e.g. SIGKILL or the OOM killer); return its run id, or None
+    when there is none, it is alive, or its store cannot be read. ``locked``: the caller holds the folder's lock.
+    A run with checkpoints is still resumed by its next start (KILLED runs resume like interrupted ones)."""
+    folder = Path(output_dir)
+    state_path = folder / STATE_FILE
+    try:
+        state = json.loads(state_path.read_text())
+    except (OSError, ValueError):
+        return None
+    if state.get("status") != "RUNNING" or not state.get("run_id") or not state.get("tracking_uri"):
+        return None
+    handle = None
+    if not locked:
+        try:
+            handle = hold_run_folder(folder)
+        except RunFolderBusy:
+            return None  # its writer is alive
+    try:
+        from mlflow import MlflowClient
+
+        client = MlflowClient(state["tracking_uri"])
+        run_id = state["run_id"]
+        if client.get_run(run_id).info.status == "RUNNING":
+            _retry(client.set_tag, run_id, "error", "process gone: killed without warning (found by a later start)")
+            _retry(client.set_terminated, run_id, "KILLED")
+        tmp = state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({**state, "status": "KILLED"}, indent=2))
+        tmp.replace(state_path)
+        logger.warning(f"MLflow: run {run_id} of {folder} was left RUNNING by a process that is gone: marked KILLED")
+        return run_id
+    except Exception as err:  # a store that is gone or unreachable must not stop the caller
+        logger.warning(f"MLflow: could not check the run recorded in {state_path}: {err}")
+        return None
+    finally:
+        if handle is not None:
+            handle.close()
 
 
 @contextlib.contextmanager
@@ -148,9 +299,15 @@ class StudyTracker:
       ``train_dino_loss`` and ``train_patch_loss``), ``lr``, and ``val_metric`` from ``validator``'s key metric when
       a validator is given;
     - at the end: ``wall_seconds`` (summed over resumed segments), ``gpu_hours`` (GPUs x hours), the executed config
-      and each existing path of ``artifacts``; the run is then FINISHED. An exception marks it FAILED and is
-      re-raised. A loss that is NaN or infinite stops the run with a message naming the epoch and iteration. A resumed
-      run does not log again an epoch its MLflow run already holds (one record per epoch).
+      and each existing path of ``artifacts``; the run is then FINISHED. An exception marks it FAILED with the error
+      as tag ``error`` and the executed config as artifact; Ctrl-C and SIGTERM mark it KILLED (SIGTERM exits with
+      status 143, as the signal would). ``mlflow_run.json`` says the same. A loss that is NaN or infinite stops the
+      run with a message naming the epoch and iteration. A resumed run does not log again an epoch, or a metric step,
+      its MLflow run already holds (one record per step).
+
+    ``attach`` checks the tracking URI (:func:`check_tracking_uri`), takes the output folder's lock (refusing to
+    start while another process holds it), marks KILLED a RUNNING run whose process is gone and removes the executed
+    configs of earlier starts (each one went to its MLflow run, or belongs to a start that never made one).
 
     Args:
         tracking_uri: the store, e.g. ``sqlite:///abs/path/mlflow.db`` or ``http://localhost:5000``.
@@ -198,19 +355,69 @@ class StudyTracker:
         self._segment_start = 0.0
         self._previous_seconds = 0.0
         self._logged_epochs = 0
+        self._existing: dict[str, set[int]] = {}
+        self._lock = None
+        self._ended = False
+        self._pid = os.getpid()
+        self._previous_sigterm = None
 
     # ---------------------------------------------------------------------------------------------------------
     def attach(self, engine) -> None:
         from ignite.engine import Events
 
+        try:
+            check_tracking_uri(self.tracking_uri)
+            self._lock = hold_run_folder(self.output_dir)
+        except (ValueError, RunFolderBusy):
+            self._remove_own_config()  # written by this process moments ago, for a run that will not be
+            raise
+        mark_abandoned(self.output_dir, locked=True)
+        self._remove_stale_configs()
+        self._ended = False
         self._trainer = engine
         engine.add_event_handler(Events.STARTED, self.started)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_completed)
         engine.add_event_handler(Events.COMPLETED, self.completed)
         engine.add_event_handler(Events.EXCEPTION_RAISED, self.exception_raised)
+        _run_first(engine, Events.EXCEPTION_RAISED, self.exception_raised)
         if self.validator is not None:
             self.validator.add_event_handler(Events.COMPLETED, self.validation_completed)
+
+    def _own_config(self) -> Path | None:
+        config = Path(str(self.execute_config)) if self.execute_config else None
+        return config if config is not None and config.is_file() and config.parent == self.output_dir else None
+
+    def _remove_own_config(self) -> None:
+        config = self._own_config()
+        if config is not None:
+            config.unlink(missing_ok=True)
+
+    def _remove_stale_configs(self) -> None:
+        """Keep only this start's executed config (the newest) in the output folder."""
+        configs = sorted(self.output_dir.glob("config_*.json"), key=lambda p: p.stat().st_mtime)
+        current = self._own_config() or (configs[-1] if configs else None)
+        for path in configs:
+            if path != current:
+                path.unlink(missing_ok=True)
+
+    def _release(self) -> None:
+        """Give back the folder lock and the SIGTERM handler: the run has ended."""
+        self._ended = True
+        if self._previous_sigterm is not None:
+            with contextlib.suppress(ValueError):  # not the main thread
+                signal.signal(signal.SIGTERM, self._previous_sigterm)
+            self._previous_sigterm = None
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    def _on_sigterm(self, signum, frame) -> None:
+        if os.getpid() != self._pid:  # a forked worker (DataLoader) inherited the handler: end as SIGTERM says
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        raise Terminated()
 
     @property
     def state_path(self) -> Path:
@@ -219,7 +426,7 @@ class StudyTracker:
     def _write_state(self, status: str) -> None:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         state = {"run_id": self.run_id, "tracking_uri": self.tracking_uri, "experiment": self.experiment_name,
-                 "status": status, "wall_seconds": self._wall_seconds()}  # fmt: skip
+                 "status": status, "wall_seconds": self._wall_seconds(), "pid": os.getpid()}  # fmt: skip
         tmp = self.state_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(state, indent=2))
         tmp.replace(self.state_path)
@@ -254,6 +461,9 @@ class StudyTracker:
             # a kill between logging epoch k and checkpointing it re-runs epoch k: keep its first record only
             history = _retry(client.get_metric_history, self.run_id, "train_loss")
             self._logged_epochs = max((m.step for m in history), default=0)
+            # ... and of the metrics logged after training (the test pass, wall time): a kill before FINISHED repeats it
+            metrics = _retry(client.get_run, self.run_id).data.metrics
+            self._existing = {k: {m.step for m in _retry(client.get_metric_history, self.run_id, k)} for k in metrics}
             _retry(client.update_run, self.run_id, status="RUNNING")
             logger.info(f"MLflow: resuming run {self.run_id} at epoch {engine.state.epoch}")
         else:
@@ -261,11 +471,17 @@ class StudyTracker:
             run = _retry(client.create_run, experiment_id, run_name=unique_run_name(self.run_name_prefix), tags=tags)
             self.run_id = run.info.run_id
             self._previous_seconds = 0.0
+            self._existing = {}
             for key, value in self.params.items():
                 _retry(client.log_param, self.run_id, key, str(value)[:6000])
             logger.info(f"MLflow: run {run.info.run_name} ({self.run_id}) in experiment {self.experiment_name}")
         self._segment_start = time.perf_counter()
         self._write_state("RUNNING")
+        from ignite.engine import Events
+
+        _run_first(engine, Events.EXCEPTION_RAISED, self.exception_raised)  # handlers attached after ours
+        with contextlib.suppress(ValueError):  # signals reach only the main thread
+            self._previous_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
 
     def iteration_completed(self, engine) -> None:
         loss = _loss_of(engine.state.output)
@@ -292,6 +508,8 @@ class StudyTracker:
     def log_metric(self, key: str, value: float, step: int = 0) -> None:
         """Log metric ``key`` of the run (retried while the store is locked)."""
         self._require_run(f"log metric {key!r}")
+        if int(step) in self._existing.get(key, ()):
+            return  # logged by the segment before a resume
         _retry(self._client.log_metric, self.run_id, key, float(value), step=int(step))
 
     def log_artifact(self, path: str | os.PathLike, folder: str | None = None) -> None:
@@ -353,13 +571,45 @@ class StudyTracker:
         self._segment_start = 0.0
         self._previous_seconds = seconds
         self._write_state("FINISHED")
+        self._release()
 
     def exception_raised(self, engine, exc: BaseException) -> None:
-        if self._client is not None and self.run_id is not None:
-            status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
-            try:
+        """Mark the run FAILED (KILLED for Ctrl-C and SIGTERM), then re-raise. Ignite may call it twice for one
+        exception (from the iteration loop and from the run); it acts once."""
+        if self._ended:
+            raise exc
+        interrupted = isinstance(exc, KeyboardInterrupt | Terminated)
+        status = "KILLED" if interrupted else "FAILED"
+        quiet = []
+        with contextlib.suppress(ValueError):  # a second Ctrl-C or SIGTERM must not cut the marking short
+            quiet = [(s, signal.signal(s, signal.SIG_IGN)) for s in (signal.SIGINT, signal.SIGTERM)]
+        try:
+            if self.active:
+                _retry(self._client.set_tag, self.run_id, "error", f"{type(exc).__name__}: {exc}"[:5000])
+                config = self._executed_config()
+                if config is not None:
+                    _retry(self._client.log_artifact, self.run_id, str(config), "config")
+                    config.unlink(missing_ok=True)  # recorded; a rerun writes its own
                 _retry(self._client.set_terminated, self.run_id, status)
                 self._write_state(status)
-            except Exception as err:  # never hide the original error behind a tracking error
-                logger.error(f"MLflow: could not mark run {self.run_id} {status}: {err}")
+                logger.error(f"MLflow: run {self.run_id} marked {status} ({type(exc).__name__}: {exc})")
+        except Exception as err:  # never hide the original error behind a tracking error
+            logger.error(f"MLflow: could not mark run {self.run_id} {status}: {err}")
+        finally:
+            for sig, previous in quiet:
+                signal.signal(sig, previous)
+            self._release()
         raise exc
+
+
+def _run_first(engine, event, handler) -> None:
+    """Move ``handler`` to the front of ``engine``'s handlers of ``event``. Ignite calls an event's handlers in
+    order and stops at the first that raises; MONAI's ``StatsHandler`` re-raises on EXCEPTION_RAISED, so a handler
+    after it never runs. Ignite has no public way to reorder; its handler list is ``engine._event_handlers``."""
+    handlers = getattr(engine, "_event_handlers", {}).get(event)
+    if not handlers:
+        return
+    ours = [h for h in handlers if h[0] == handler]  # bound methods compare by function and instance
+    for entry in ours:
+        handlers.remove(entry)
+    handlers[:0] = ours

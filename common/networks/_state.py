@@ -13,14 +13,56 @@ def load_weights(path_or_state: str | os.PathLike | Mapping[str, object]) -> Map
     """A checkpoint as a mapping: an in-memory one as it is, a file by ``torch.load(..., weights_only=True)``.
 
     The one non-tensor class allowed is ``argparse.Namespace``, which official ProFound checkpoints pickle beside the
-    weights. Errors of ``torch.load`` (missing file, unsafe pickle) propagate; callers decide how to report them.
+    weights. Errors of ``torch.load`` (missing file, unsafe pickle) propagate; callers decide how to report them. A
+    file that is no PyTorch checkpoint at all is a ``ValueError`` saying what it looks like (text, NumPy, ...).
     """
     if isinstance(path_or_state, Mapping):
         return path_or_state
     if not isinstance(path_or_state, str | os.PathLike):
         raise ValueError(f"expected a checkpoint path or a state dict, got {type(path_or_state).__name__}")
+    path = os.fspath(path_or_state)
+    kind = _foreign_kind(path)
+    if kind is not None:
+        raise ValueError(f"{path}: not a PyTorch checkpoint: {kind}")
     with torch.serialization.safe_globals([argparse.Namespace]):
-        return torch.load(os.fspath(path_or_state), map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+#: leading bytes of formats that get passed as checkpoints by mistake
+_MAGIC = {
+    b"\x93NUMPY": "looks like a NumPy .npy array (load it with numpy and save a state dict with torch.save)",
+    b"\x89HDF": "looks like an HDF5 file (e.g. Keras weights)",
+    b"\x1f\x8b": "looks like a gzip archive (unpack it first)",
+    b"\x89PNG": "looks like a PNG image",
+    b"\xff\xd8\xff": "looks like a JPEG image",
+    b"\x08\x01\x12": "looks like a protobuf / ONNX model",
+}
+
+
+def _foreign_kind(path: str) -> str | None:
+    """What the file at ``path`` looks like when it is clearly no ``torch.save`` output (a zip archive or a legacy
+    pickle), else None (missing files and PyTorch's own errors are left to ``torch.load``)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError:
+        return None
+    if head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save's zip format, or a (legacy) pickle
+        return None
+    if not head:
+        return "the file is empty"
+    for magic, kind in _MAGIC.items():
+        if head.startswith(magic):
+            return kind
+    if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") > 0:
+        return "looks like a safetensors file (load it with safetensors.torch.load_file)"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return "unknown binary format (not a zip archive or pickle as torch.save writes)"
+    first = text.strip().splitlines()[0][:60] if text.strip() else ""
+    kind = "HTML (a download page instead of the file?)" if first.lower().startswith(("<!doctype", "<html")) else "text"
+    return f"looks like {kind}, starting {first!r}"
 
 
 def state_dict_problems(

@@ -57,3 +57,21 @@ def test_a_finished_run_trains_anew_and_no_checkpoint_means_a_fresh_start(tmp_pa
 def test_bad_arguments() -> None:
     with pytest.raises(ValueError):
         SaveCheckpoints({}, "x", n_saved=0)
+
+
+def test_an_interrupted_save_keeps_the_previous_checkpoint_and_leaves_no_partial_file(tmp_path: Path, monkeypatch):
+    from common.bundle.engine import atomic_save
+
+    path = tmp_path / "checkpoint_epoch=1.pt"
+    atomic_save({"w": torch.ones(2)}, path)
+
+    def interrupted(obj, f) -> None:
+        Path(f).write_bytes(b"PK\x03\x04 half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_save({"w": torch.zeros(2)}, path)
+    monkeypatch.undo()
+    assert torch.equal(torch.load(path)["w"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]

@@ -14,6 +14,7 @@ from ignite.engine import Engine, Events
 from mlflow import MlflowClient
 
 from common.bundle import StudyTracker, ensure_experiment, sqlite_uri
+from common.bundle.tracking import RunFolderBusy, Terminated, check_tracking_uri
 
 TAGS = {
     "model": "profound",
@@ -173,3 +174,156 @@ def test_an_epoch_rerun_after_a_kill_keeps_one_record(tmp_path: Path) -> None:
     history = MlflowClient(first.tracking_uri).get_metric_history(first.run_id, "train_loss")
     assert second.run_id == first.run_id
     assert [(m.step, m.value) for m in history] == [(1, 1.0), (2, 2.0), (3, 3.0)]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the run's life cycle (DESIGN.md section 10)
+
+
+@pytest.mark.parametrize(
+    ("error", "status"),
+    [(RuntimeError("boom"), "FAILED"), (KeyboardInterrupt(), "KILLED"), (Terminated(), "KILLED")],
+)
+def test_an_error_marks_the_run_even_behind_a_stats_handler(tmp_path: Path, error: BaseException, status: str) -> None:
+    from monai.handlers import StatsHandler
+
+    engine, per_epoch = _engine([1.0, 1.0, 1.0, 1.0], epochs=2)
+    StatsHandler(name="stats", iteration_log=False, epoch_log=False).attach(
+        engine
+    )  # registers for EXCEPTION_RAISED before the tracker, and re-raises
+    config = tmp_path / "run" / "config_20250101_000000.json"
+    config.parent.mkdir(parents=True)
+    config.write_text("{}")
+    tracker = _tracker(tmp_path, execute_config=str(config))
+    tracker.attach(engine)
+
+    @engine.on(Events.ITERATION_COMPLETED(once=3))
+    def _fail(e: Engine) -> None:
+        raise error
+
+    with pytest.raises(type(error)):
+        engine.run(list(range(per_epoch)), max_epochs=2)
+    client = MlflowClient(tracker.tracking_uri)
+    run = client.get_run(tracker.run_id)
+    assert run.info.status == status
+    assert run.data.tags["error"].startswith(type(error).__name__)
+    assert json.loads(tracker.state_path.read_text())["status"] == status
+    assert [a.path for a in client.list_artifacts(tracker.run_id, "config")] == ["config/" + config.name]
+    assert not config.exists()  # recorded in the run; nothing left for a rerun
+
+
+def test_sigterm_raises_terminated_while_the_run_trains(tmp_path: Path) -> None:
+    import os
+    import signal
+
+    engine, per_epoch = _engine([1.0, 1.0], epochs=1)
+    tracker = _tracker(tmp_path)
+    tracker.attach(engine)
+    engine.add_event_handler(Events.ITERATION_COMPLETED(once=1), lambda e: os.kill(os.getpid(), signal.SIGTERM))
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Terminated) as caught:
+        engine.run(list(range(per_epoch)), max_epochs=1)
+    assert caught.value.code == 143
+    assert MlflowClient(tracker.tracking_uri).get_run(tracker.run_id).info.status == "KILLED"
+    assert signal.getsignal(signal.SIGTERM) is before  # handed back when the run ended
+
+
+def test_one_writer_per_folder_and_the_lock_dies_with_its_process(tmp_path: Path) -> None:
+    folder = tmp_path / "run"
+    code = ("import sys, time; from common.bundle.tracking import hold_run_folder; h = hold_run_folder(sys.argv[1]); "
+            "print('held', flush=True); time.sleep(120)")  # fmt: skip
+    holder = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        engine, _ = _engine([1.0], epochs=1)
+        with pytest.raises(RunFolderBusy, match=f"in use by pid {holder.pid} "):
+            _tracker(tmp_path).attach(engine)
+    finally:
+        holder.kill()  # SIGKILL: no clean-up code runs
+        holder.wait()
+    engine, _ = _engine([1.0], epochs=1)
+    tracker = _tracker(tmp_path)
+    tracker.attach(engine)
+    engine.run([0], max_epochs=1)
+    assert MlflowClient(tracker.tracking_uri).get_run(tracker.run_id).info.status == "FINISHED"
+
+
+def test_a_run_left_running_by_a_dead_process_is_marked_killed_by_the_next_start(tmp_path: Path) -> None:
+    engine, _ = _engine([1.0, 1.0], epochs=1)
+    first = _tracker(tmp_path)
+    first.attach(engine)
+    engine.add_event_handler(Events.ITERATION_COMPLETED(once=1), lambda e: e.terminate())
+    first.started(engine)  # the run is RUNNING; then its process is SIGKILLed: nothing is marked, the OS unlocks
+    first._lock.close()
+    client = MlflowClient(first.tracking_uri)
+    assert client.get_run(first.run_id).info.status == "RUNNING"
+
+    fresh, _ = _engine([2.0], epochs=1)  # no checkpoint: a fresh start
+    second = _tracker(tmp_path)
+    second.attach(fresh)
+    assert client.get_run(first.run_id).info.status == "KILLED"
+    assert "process gone" in client.get_run(first.run_id).data.tags["error"]
+    fresh.run([0], max_epochs=1)
+    assert second.run_id != first.run_id and client.get_run(second.run_id).info.status == "FINISHED"
+
+
+def test_a_resumed_run_logs_each_metric_step_once(tmp_path: Path) -> None:
+    """Killed after the test pass logged its metric but before FINISHED: the rerun repeats the test pass."""
+    engine, per_epoch = _engine([1.0, 3.0], epochs=2)
+    first = _tracker(tmp_path)
+
+    @engine.on(Events.COMPLETED)
+    def _test_pass_then_killed(e: Engine) -> None:
+        first.log_metric("test_metric", 0.25)
+        raise KeyboardInterrupt
+
+    first.attach(engine)
+    with pytest.raises(KeyboardInterrupt):
+        engine.run(list(range(per_epoch)), max_epochs=2)
+
+    resumed, _ = _engine([0.0, 0.0], epochs=2)
+    second = _tracker(tmp_path)
+    resumed.add_event_handler(Events.STARTED, lambda e: setattr(e.state, "epoch", 2))  # the last checkpoint
+    resumed.add_event_handler(Events.COMPLETED, lambda e: second.log_metric("test_metric", 0.5))
+    second.attach(resumed)
+    resumed.run(list(range(per_epoch)), max_epochs=2)
+    client = MlflowClient(first.tracking_uri)
+    assert second.run_id == first.run_id and client.get_run(first.run_id).info.status == "FINISHED"
+    assert [(m.step, m.value) for m in client.get_metric_history(first.run_id, "test_metric")] == [(0, 0.25)]
+    assert [m.step for m in client.get_metric_history(first.run_id, "train_loss")] == [1, 2]
+
+
+def test_stale_executed_configs_are_removed_at_start(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    old = run / "config_20240101_000000.json"  # left by a start that failed before its tracker existed
+    old.write_text("{}")
+    current = run / "config_20250101_000000.json"
+    current.write_text("{}")
+    engine, _ = _engine([1.0], epochs=1)
+    _tracker(tmp_path, execute_config=str(current)).attach(engine)
+    assert sorted(p.name for p in run.glob("config_*.json")) == [current.name]
+
+
+@pytest.mark.parametrize(
+    ("uri", "message"),
+    [
+        ("bogus://x", "unknown kind of store (scheme 'bogus')"),
+        ("mlflow.db", "unknown kind of store (no scheme)"),
+        ("http://127.0.0.1:9", "no MLflow server answers there within 3 s"),
+        ("sqlite:////no/such/folder/mlflow.db", "the folder /no/such/folder does not exist"),
+    ],
+)
+def test_tracking_uri_is_checked_fast_with_a_message_that_names_it(uri: str, message: str) -> None:
+    import time
+
+    start = time.monotonic()
+    with pytest.raises(ValueError, match="tracking URI") as caught:
+        check_tracking_uri(uri)
+    assert message in str(caught.value) and uri in str(caught.value)
+    assert time.monotonic() - start < 5
+
+
+def test_tracking_uri_accepts_a_store_in_an_existing_folder_or_one_it_may_make(tmp_path: Path) -> None:
+    assert check_tracking_uri(sqlite_uri(tmp_path / "mlflow.db")) == sqlite_uri(tmp_path / "mlflow.db")
+    assert check_tracking_uri(sqlite_uri(tmp_path / "new" / "mlflow.db"), create=True)

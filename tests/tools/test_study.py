@@ -260,6 +260,9 @@ def test_emit_slurm_writes_arrays_with_dependencies(tmp_path: Path) -> None:
         (["--emit", "slurm"], "needs a tracking server"),
         (["--seeds", "0", "0"], "distinct"),
         (["--profound_weights", "/no/such.pt"], "no such file"),
+        (["--tracking_uri", "bogus://x"], "tracking URI 'bogus://x': unknown kind of store"),
+        (["--tracking_uri", "http://127.0.0.1:9"], "tracking URI http://127.0.0.1:9: no MLflow server answers"),
+        (["--tracking_uri", "sqlite:////no/such/folder/mlflow.db"], "the folder /no/such/folder does not exist"),
     ],
 )
 def test_usage_errors_exit_2(argv: list[str], message: str, tmp_path: Path, capsys, monkeypatch) -> None:
@@ -349,3 +352,46 @@ def test_reduced_study_with_a_failure_then_resume_then_nothing_to_do(tmp_path: P
     assert third.returncode == 0, third.stdout + third.stderr[-3000:]
     assert "start " not in third.stdout and "0 finished now" in third.stdout
     assert took < 60, took
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the runner's children (DESIGN.md section 10)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie is gone
+        return f.read().split(") ", 1)[1][0] != "Z"
+
+
+def test_a_child_gets_sigterm_when_its_runner_is_killed() -> None:
+    code = ("import os, subprocess, sys, tools.study as s; "
+            "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'], start_new_session=True, "
+            "preexec_fn=s._die_with(os.getpid())); print(p.pid, flush=True); p.wait()")  # fmt: skip
+    runner = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    child = int(runner.stdout.readline())
+    assert _alive(child)
+    runner.kill()  # SIGKILL: the runner runs no clean-up code
+    runner.wait()
+    deadline = time.monotonic() + 10
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(child)
+
+
+def test_the_study_lock_lasts_while_a_child_of_the_runner_runs(tmp_path: Path) -> None:
+    from tools.study import UsageError, _study_lock
+
+    with _study_lock(tmp_path) as fd:
+        child = subprocess.Popen(["sleep", "60"], pass_fds=(fd,), start_new_session=True)
+    try:
+        with pytest.raises(UsageError, match="or a bundle it started that still runs"), _study_lock(tmp_path):
+            pass
+    finally:
+        child.kill()
+        child.wait()
+    with _study_lock(tmp_path):
+        pass

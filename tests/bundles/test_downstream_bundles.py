@@ -214,8 +214,16 @@ def test_bundle_trains_at_smoke_and_records_the_contract(case: str, shared: dict
         assert volume.ndim == 3 and np.isfinite(volume.get_fdata()).all()
 
 
-#: the super-resolution and distortion-correction bundles: residual over the degraded input, zero-initialised last layer
-RESIDUAL = [b for b in ALL if get_task(_identity(b)[1]).image_to_image]
+#: the super-resolution and distortion-correction bundles (a residual over the degraded input through a zero-initialised
+#: last layer); a finetune bundle builds its scratch bundle's network (checked below), so each network runs once
+RESIDUAL = [b for b in ALL if get_task(_identity(b)[1]).image_to_image and not b.endswith("_finetune")]
+
+
+def test_finetune_and_scratch_bundles_build_the_same_residual_network() -> None:
+    for bundle in (b for b in ALL if get_task(_identity(b)[1]).image_to_image and b.endswith("_finetune")):
+        configs = [json.loads((REPO / "bundles" / b / "configs" / "train.json").read_text())["network_def"]
+                   for b in (bundle, bundle.replace("_finetune", "_scratch"))]  # fmt: skip
+        assert configs[0] == configs[1] and configs[0]["_target_"] == "common.networks.ResidualRestoration", bundle
 
 
 @pytest.mark.parametrize("bundle", RESIDUAL)

@@ -20,15 +20,6 @@ B = 2
 SHAPES = {"upernet": (B, 2, 32, 32, 16), "unetr": (B, 2, 32, 32, 16), "provicnet": (B, 2, 16, 16, 4)}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest single-threaded; the CPU is shared with other test processes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _network(kind: str) -> nn.Module:
     torch.manual_seed(0)
     if kind == "upernet":

@@ -19,16 +19,6 @@ from common.networks.dinov2 import (
     provicnet_backbone,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest single-threaded; the CPU is shared with other test processes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # Key order and shapes of the hub's dinov2_vits14_reg checkpoint, from facebookresearch/dinov2
 # (vision_transformer.py: own parameters cls_token, pos_embed, register_tokens, mask_token; then patch_embed.proj,
 # unchunked blocks, norm; 518 px / 14 = 37 -> 1 + 37 * 37 = 1370 positions).

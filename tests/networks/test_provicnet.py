@@ -25,16 +25,6 @@ from common.networks.provicnet import (
     neighbour_slice_indices,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest single-threaded; the CPU is shared with other test processes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 E, DEPTH = 48, 4
 
 

@@ -31,14 +31,6 @@ from common.networks import (
 pytest.importorskip("einops", reason="MONAI's ViT, TransUNet and diffusion attention blocks need einops")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _vit(in_chans: int = 3) -> DinoVisionTransformer:
     return DinoVisionTransformer(img_size=28, in_chans=in_chans, embed_dim=48, depth=2, num_heads=3)
 

@@ -28,16 +28,6 @@ from common.networks import (
     profound_encoder,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest single-threaded; the CPU is shared with other test processes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 SR, DC = (1, 1, 2), (1, 1, 1)
 PROFOUND_IN, PROVICNET_IN = (1, 1, 32, 32, 16), (1, 1, 20, 18, 4)
 TRANSFORMER = {"hidden_size": 16, "mlp_dim": 32, "num_layers": 2, "num_heads": 4}

@@ -409,20 +409,9 @@ class StudyAnalysis:
             "with_baseline": len(with_baseline),
             "beat_baseline": sum(r.beats_baseline() for r in with_baseline),
         }
-        result.below_baseline = [
-            {
-                "model": r.model,
-                "task": r.task,
-                "regime": r.regime,
-                "seed": r.seed,
-                "test_metric": r.metric(METRIC_TEST),
-                "baseline_metric": r.baseline,
-                "baseline_name": r.tags.get(TAG_BASELINE, ""),
-                "run_id": r.run_id,
-            }
-            for r in with_baseline
-            if not r.beats_baseline()
-        ]
+        table = {row["run_id"]: row for row in selection.rows()}  # the run table's row, not a second copy of it
+        keys = ("model", "task", "regime", "seed", "test_metric", "baseline_metric", "baseline_name", "run_id")
+        result.below_baseline = [{k: table[r.run_id][k] for k in keys} for r in with_baseline if not r.beats_baseline()]
 
     def _cost(
         self,

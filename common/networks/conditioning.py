@@ -90,7 +90,7 @@ class TimestepConditioned(nn.Module):
             the representations here do not depend on t (see :meth:`forward_representations`). Default 0.
         in_channels: ``C_in``, read by the refinement (unused without it). Default 2 (noisy DWI, T2W).
         refine_channels: width of the full-resolution refinement's hidden layers; 0 builds none. Default 0.
-        refine_layers: hidden 3x3x3 convolutions of the refinement before its zero-initialised one. Default 2.
+        refine_layers: hidden 3x3x3 convolutions of the refinement before its zero-initialised one. Default 1.
 
     Shapes: ``forward``: ``(B, C_in, H, W, D)``, timesteps ``(B,)``, ``(1,)`` or scalar (broadcast) ->
     ``(B, C_out, H, W, D)``; ``forward_representations``: as the wrapped network's.
@@ -108,7 +108,7 @@ class TimestepConditioned(nn.Module):
         representation_timestep: int = 0,
         in_channels: int = 2,
         refine_channels: int = 0,
-        refine_layers: int = 2,
+        refine_layers: int = 1,
     ) -> None:
         super().__init__()
         if not isinstance(network, nn.Module):

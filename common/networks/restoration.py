@@ -55,8 +55,10 @@ class ResidualRestoration(nn.Module):
             (distortion correction); ``(1, 1, 2)`` for the study's super-resolution (48 -> 96 slices).
         channels: image channels ``C`` of input and output (the baseline is added channel-wise). Default 1.
         residual: predict a correction of the baseline (True) or return the plain network (False). Default True.
-        refine_channels: width of the refinement's hidden layers. Default 16.
-        refine_layers: hidden 3x3x3 convolutions of the refinement before its zero-initialised one. Default 2.
+        refine_channels: width of the refinement's hidden layers. Default 8.
+        refine_layers: hidden 3x3x3 convolutions of the refinement before its zero-initialised one. Default 1 (at
+            64 x 64 x 32, batch 2, one CPU thread, a training step of the refinement takes 0.14 s at (8, 1) and 0.43 s
+            at (16, 2), more than the frozen-encoder ProFound network it wraps).
 
     Shapes: ``(B, C, H, W, D) -> (B, C, H * s0, W * s1, D * s2)``; the wrapped network's output must have that shape.
 
@@ -71,8 +73,8 @@ class ResidualRestoration(nn.Module):
         scale: Sequence[int] = (1, 1, 1),
         channels: int = 1,
         residual: bool = True,
-        refine_channels: int = 16,
-        refine_layers: int = 2,
+        refine_channels: int = 8,
+        refine_layers: int = 1,
     ) -> None:
         super().__init__()
         if not isinstance(network, nn.Module):

@@ -32,15 +32,15 @@ class FullResolutionRefinement(nn.Module):
     Args:
         in_channels: ``C_in``.
         out_channels: ``C_out``.
-        channels: width ``R`` of the hidden layers. Default 16.
-        hidden_layers: number of hidden convolutions before the zero-initialised one. Default 2.
+        channels: width ``R`` of the hidden layers. Default 8.
+        hidden_layers: number of hidden convolutions before the zero-initialised one. Default 1.
         cond_channels: width of the optional condition vector; 0 for none. Default 0.
 
     Shapes: ``(B, C_in, H, W, D)``, optional ``(B, cond_channels)`` -> ``(B, C_out, H, W, D)``.
     """
 
     def __init__(
-        self, in_channels: int, out_channels: int, channels: int = 16, hidden_layers: int = 2, cond_channels: int = 0
+        self, in_channels: int, out_channels: int, channels: int = 8, hidden_layers: int = 1, cond_channels: int = 0
     ) -> None:
         super().__init__()
         if in_channels < 1 or out_channels < 1 or channels < 1:

@@ -18,6 +18,7 @@ from .downstream import (
     test_transforms,
     trainable_summary,
     validation_metric,
+    with_mean_prior,
 )
 from .engine import (
     OutputLoss,
@@ -32,6 +33,7 @@ from .snapshots import FeatureSnapshots, TestPredictions
 from .tracking import StudyTracker, ensure_experiment, git_commit, sqlite_path, sqlite_uri, unique_run_name
 
 __all__ = [
+    "with_mean_prior",
     "DiffusionLoss",
     "DiffusionSampler",
     "NoisePrepareBatch",

@@ -7,13 +7,24 @@ Training (Ho et al., "Denoising Diffusion Probabilistic Models", NeurIPS 2020): 
 - ``inferer``: ``monai.inferers.DiffusionInferer(scheduler)``, which noises the DWI
   (``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps``) and calls ``network(x=cat([x_t, T2W]), timesteps=t,
   context=None)`` (``mode="concat"``);
-- ``loss_function``: :class:`DiffusionLoss`, L1 on the noise plus an SSIM regulariser on the implied clean image;
+- ``loss_function``: :class:`DiffusionLoss`, L1 on the network's target (the velocity by default, see below) plus an
+  SSIM regulariser on the implied clean image;
 - ``network``: :class:`~common.networks.TimestepConditioned` around an FM's dense network, or the specialised
   :class:`~common.networks.ConditionalDiffusionUNet`.
 
 Validation and test: :class:`DiffusionSampler` is the ``inferer(image, network)`` of the evaluator and of
 :class:`~common.bundle.TestPredictions`; it generates the DWI from the T2W with a few DDIM steps (Song et al.,
 "Denoising Diffusion Implicit Models", ICLR 2021) and the metric is the SSIM of that sample.
+
+What the network predicts is the schedulers' ``prediction_type``: the noise (``"epsilon"``, Ho et al., the default
+here), the clean image (``"sample"``) or the velocity ``v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0``
+(``"v_prediction"``, Salimans and Ho, "Progressive Distillation for Fast Sampling of Diffusion Models", ICLR 2022).
+The modality-translation bundles predict the clean DWI around the mean training DWI
+(:class:`~common.networks.PriorOffset`). With noise prediction the clean-image estimate of the first sampling step,
+``(x_t - sqrt(1 - abar_t) eps_theta) / sqrt(abar_t)``, multiplies the network's error by ``1 / sqrt(abar_999)``, about
+160 for the linear schedule: with the few DDIM steps and training steps of a CPU profile the samples were clipped
+noise (demo profile, test SSIM 0.016 against 0.220 for the mean training DWI); velocity prediction gave 0.06 in one
+step, the clean image 0.144, the clean image around the mean DWI 0.230.
 
 One noise schedule for all three: build one ``monai.networks.schedulers.DDPMScheduler(num_train_timesteps,
 schedule)`` for the inferer and the loss, and the sampler with the same two arguments (or take the scheduler from
@@ -42,7 +53,10 @@ from torch import nn
 
 from .engine import plain_tensor as _plain
 
-__all__ = ["DiffusionLoss", "DiffusionSampler", "NoisePrepareBatch"]
+__all__ = ["PREDICTION_TYPES", "DiffusionLoss", "DiffusionSampler", "NoisePrepareBatch"]
+
+#: what a denoiser may predict (MONAI's ``DDPMPredictionType`` values): the noise, the clean image, the velocity
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 
 
 class NoisePrepareBatch(DiffusionPrepareBatch):
@@ -99,21 +113,28 @@ class DiffusionLoss(nn.Module):
     """L1 noise loss plus an SSIM regulariser on the implied clean image (the modality-translation loss of paper
     section 3.1, "L1 + SSIM regulariser").
 
-    ``loss = |eps_theta - eps|_1 + ssim_weight * (1 - SSIM(clamp(x0_hat, 0, 1), x0))`` with
-    ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps`` (``scheduler.add_noise``) and
-    ``x0_hat = (x_t - sqrt(1 - abar_t) eps_theta) / sqrt(abar_t)`` (Ho et al. 2020, Eq. 15), ``abar`` =
-    ``scheduler.alphas_cumprod``. The L1 term is the mean over voxels (the "simple" DDPM objective with L1); SSIM is
+    ``loss = |pred - target|_1 + ssim_weight * (1 - SSIM(clamp(x0_hat, 0, 1), x0))`` with
+    ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps`` (``scheduler.add_noise``), ``abar`` =
+    ``scheduler.alphas_cumprod``, and target and clean-image estimate set by ``scheduler.prediction_type``:
+
+    - ``"epsilon"``: target ``eps``, ``x0_hat = (x_t - sqrt(1 - abar_t) pred) / sqrt(abar_t)`` (Ho et al. 2020,
+      Eq. 15);
+    - ``"v_prediction"``: target ``v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0``, ``x0_hat = sqrt(abar_t) x_t -
+      sqrt(1 - abar_t) pred`` (Salimans and Ho 2022);
+    - ``"sample"``: target ``x0``, ``x0_hat = pred``.
+ The L1 term is the mean over voxels (the "simple" DDPM objective with L1); SSIM is
     MONAI's differentiable ``SSIMLoss`` (3D Gaussian window, valid region, mean over the batch), which differs in its
     border convention from the test metric :func:`~common.metrics.compute_ssim_3d`. Everything is computed in
     float32 outside autocast, whatever the network's output dtype. At large t, ``1 / sqrt(abar_t)`` amplifies the
-    noise error in ``x0_hat`` (about 160x at t = 999 of the linear schedule); the clamp bounds it.
+    noise error in ``x0_hat`` under ``"epsilon"`` (about 160x at t = 999 of the linear schedule); the clamp bounds it.
 
     After each call :attr:`last_terms` holds ``{"l1": float, "ssim": float}`` (the SSIM term is ``1 - SSIM``, before
     weighting), for logging the components of the training loss.
 
     Args:
         scheduler: the training noise scheduler (a ``monai.networks.schedulers.Scheduler``, normally the
-            ``DDPMScheduler`` given to ``DiffusionInferer``), for ``alphas_cumprod`` and ``add_noise``.
+            ``DDPMScheduler`` given to ``DiffusionInferer``), for ``alphas_cumprod``, ``add_noise`` and
+            ``prediction_type`` (``"epsilon"`` when it has none).
         ssim_weight: weight of the SSIM term, >= 0. Default 0.1.
         data_range: intensity range of the images for the SSIM constants. Default 1.0.
         win_size: SSIM window, odd, an int or one per axis; must not exceed any axis. Default 7.
@@ -140,6 +161,12 @@ class DiffusionLoss(nn.Module):
             raise ValueError(
                 f"DiffusionLoss: need ssim_weight >= 0 and data_range > 0, got {ssim_weight}, {data_range}."
             )
+        self.prediction_type = str(getattr(scheduler, "prediction_type", "epsilon"))
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(
+                f"DiffusionLoss: the scheduler's prediction_type {self.prediction_type!r} is not one of "
+                f"{PREDICTION_TYPES}."
+            )
         self.scheduler = scheduler
         self.ssim_weight = float(ssim_weight)
         self.win_size = tuple(win_size) if isinstance(win_size, Sequence) else (int(win_size),) * 3
@@ -149,7 +176,7 @@ class DiffusionLoss(nn.Module):
         self.last_terms: dict[str, float] = {}
 
     def forward(self, pred: torch.Tensor, targets: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Predicted noise ``(B, C, H, W, D)`` and the :class:`NoisePrepareBatch` targets -> scalar loss."""
+        """The network's prediction ``(B, C, H, W, D)`` and the :class:`NoisePrepareBatch` targets -> scalar loss."""
         missing = [k for k in ("noise", "x0", "timesteps") if k not in targets]
         if missing:
             raise ValueError(f"DiffusionLoss: targets lack {missing}; use NoisePrepareBatch as prepare_batch.")
@@ -175,8 +202,15 @@ class DiffusionLoss(nn.Module):
             x_t = self.scheduler.add_noise(original_samples=x0, noise=noise, timesteps=timesteps)
             abar = self.scheduler.alphas_cumprod.to(device=pred.device, dtype=torch.float32)[timesteps]
             abar = abar.reshape(-1, *(1,) * (pred.ndim - 1))
-            x0_hat = (x_t - (1 - abar).sqrt() * pred) / abar.sqrt()
-            l1 = (pred - noise).abs().mean()
+            if self.prediction_type == "v_prediction":
+                target = abar.sqrt() * noise - (1 - abar).sqrt() * x0
+                x0_hat = abar.sqrt() * x_t - (1 - abar).sqrt() * pred
+            elif self.prediction_type == "sample":
+                target, x0_hat = x0, pred
+            else:
+                target = noise
+                x0_hat = (x_t - (1 - abar).sqrt() * pred) / abar.sqrt()
+            l1 = (pred - target).abs().mean()
             ssim_term = self.ssim(x0_hat.clamp(0.0, 1.0), x0)
             loss = l1 + self.ssim_weight * ssim_term
         self.last_terms = {"l1": float(l1.detach()), "ssim": float(ssim_term.detach())}
@@ -209,6 +243,8 @@ class DiffusionSampler:
         out_channels: channels of the generated image. Default 1.
         schedule_args: extra arguments of the schedule (e.g. ``beta_start``, ``beta_end``), as in training.
             Default None.
+        prediction_type: what the network predicts, one of :data:`PREDICTION_TYPES`, as in training (the module
+            docstring says why the bundles use ``"v_prediction"``). Default ``"epsilon"``.
 
     Shapes: ``(B, C_c, H, W, D)`` condition -> ``(B, out_channels, H, W, D)`` float32 sample.
     """
@@ -222,7 +258,12 @@ class DiffusionSampler:
         clip: Sequence[float] | None = (0.0, 1.0),
         out_channels: int = 1,
         schedule_args: Mapping[str, float] | None = None,
+        prediction_type: str = "epsilon",
     ) -> None:
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(
+                f"DiffusionSampler: prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}."
+            )
         if num_train_timesteps < 1 or not 1 <= num_inference_steps <= num_train_timesteps:
             raise ValueError(
                 "DiffusionSampler: need 1 <= num_inference_steps <= num_train_timesteps, got "
@@ -246,6 +287,7 @@ class DiffusionSampler:
         self.seed = seed
         self.clip = None if clip is None else (float(clip[0]), float(clip[1]))
         self.out_channels = out_channels
+        self.prediction_type = prediction_type
         low, high = self.clip if self.clip is not None else (-1.0, 1.0)
         self.scheduler = DDIMScheduler(
             num_train_timesteps=num_train_timesteps,
@@ -255,6 +297,7 @@ class DiffusionSampler:
             steps_offset=num_train_timesteps // num_inference_steps - 1,
             clip_sample_min=low,
             clip_sample_max=high,
+            prediction_type=prediction_type,
             **self.schedule_args,
         )
         self.scheduler.set_timesteps(num_inference_steps)
@@ -263,7 +306,12 @@ class DiffusionSampler:
     def train_scheduler(self) -> DDPMScheduler:
         """A new ``DDPMScheduler`` with this sampler's schedule (same betas), for ``DiffusionInferer`` and
         :class:`DiffusionLoss` in training."""
-        return DDPMScheduler(num_train_timesteps=self.num_train_timesteps, schedule=self.schedule, **self.schedule_args)
+        return DDPMScheduler(
+            num_train_timesteps=self.num_train_timesteps,
+            schedule=self.schedule,
+            prediction_type=self.prediction_type,
+            **self.schedule_args,
+        )
 
     def initial_noise(self, image: torch.Tensor) -> torch.Tensor:
         """``(B, C_c, H, W, D)`` condition -> ``(B, out_channels, H, W, D)`` float32 noise on ``image``'s device, one

@@ -24,7 +24,7 @@ from torch import nn
 
 from common.data.splits import split_ids
 from common.metrics.handlers import BinaryDiceHandler, SpecificityAtSensitivityHandler, SSIM3DHandler
-from common.networks import load_checkpoint
+from common.networks import PriorOffset, load_checkpoint
 from common.tasks import get_task
 from common.transforms import task_transforms
 from common.transforms.label import NUM_CLASSES, PiradsToClass
@@ -61,9 +61,11 @@ def regime_of(init: str) -> str:
 
 
 def _inner(model: nn.Module) -> nn.Module:
-    """The study network inside a wrapper that adds an input (the DDPM timestep wrapper keeps it as ``network``)."""
-    inner = getattr(model, "network", None)
-    return inner if isinstance(inner, nn.Module) else model
+    """The study network inside its wrappers (each keeps the network it wraps as ``network``: the residual
+    restoration, the segmentation refinement, the DDPM timestep wrapper and the prior offset around that)."""
+    while isinstance(getattr(model, "network", None), nn.Module):
+        model = model.network
+    return model
 
 
 def trainable_summary(model: nn.Module) -> str:
@@ -243,6 +245,22 @@ def baseline_data(task: str, data: Sequence[Mapping[str, object]], profile: str,
     if not TrivialBaselines(task).needs_fit:
         return None
     return Dataset(data, transform=task_transforms(task, profile, seed=seed, train=False))
+
+
+def with_mean_prior(model: nn.Module, task: str, data: Sequence[Mapping[str, object]], profile: str, seed: int):
+    """Set the :class:`~common.networks.PriorOffset` ``model``'s prior to the mean target of the training split
+    ``data`` as the test-mode pipeline gives it (the ``mean_dwi`` baseline of modality translation) and return
+    ``model``. Loads every training case once, one at a time."""
+    from monai.data import Dataset
+
+    if not isinstance(model, PriorOffset):
+        raise ValueError(
+            f"with_mean_prior: the network must be a common.networks.PriorOffset, got {type(model).__name__}."
+        )
+    items = Dataset(list(data), transform=task_transforms(task, profile, seed=seed, train=False))
+    model.fit_mean(items[i] for i in range(len(items)))
+    logger.info(f"prior: the mean target of {len(items)} training cases")
+    return model
 
 
 def save_state_dict(model: nn.Module, path: str | os.PathLike) -> None:

@@ -9,6 +9,10 @@
 - :class:`ResidualRestoration` (:mod:`.restoration`): super-resolution and distortion correction as a correction of
   the trivial baseline through a zero-initialised full-resolution refinement (a deviation from the paper, DESIGN.md
   section 2).
+- :class:`RefinedDense` (:mod:`.refined`): the segmentation networks' logits plus a zero-initialised full-resolution
+  refinement that reads the input (their heads predict at stride 4 or at the patch grid; a deviation from the paper).
+- :class:`PriorOffset` (:mod:`.prior`): a fixed image (the mean training DWI) added to the modality-translation
+  denoisers' clean-image prediction.
 - :func:`load_checkpoint`: one loader for every format (:mod:`.checkpoint`).
 
 Every study model has ``forward_representations(x) -> {"head_input": (B, d), "encoder": (B, e)}``, the pooled
@@ -54,10 +58,13 @@ from .provicnet import (
     ProViCNetSuperRes,
     convert_dinov2_hub,
     convert_provicnet_official,
+    PROVICNET_NORMS,
     freeze_provicnet_finetune,
     load_provicnet_checkpoint,
     neighbour_slice_indices,
 )
+from .prior import PriorOffset
+from .refined import RefinedDense
 from .restoration import ResidualRestoration
 from .specialised import (
     SPECIALISED_MODELS,
@@ -96,6 +103,8 @@ __all__ = [
     "ProViCNetClassifier",
     "ProViCNetDense",
     "ProViCNetSuperRes",
+    "PriorOffset",
+    "RefinedDense",
     "ResidualRestoration",
     "SubpixelUpsample3dHead",
     "TimestepConditioned",
@@ -114,6 +123,7 @@ __all__ = [
     "final_layer_name",
     "freeze_profound_finetune",
     "freeze_provicnet_finetune",
+    "PROVICNET_NORMS",
     "interpolate_pos_embed",
     "load_checkpoint",
     "load_profound_checkpoint",

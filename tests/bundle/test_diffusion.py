@@ -159,6 +159,40 @@ def test_loss_is_float32_under_bf16_autocast_and_differentiable() -> None:
     assert pred.grad is not None and torch.isfinite(pred.grad.float()).all() and pred.grad.float().abs().sum() > 0
 
 
+@pytest.mark.parametrize("prediction_type", ["v_prediction", "sample"])
+def test_loss_targets_of_the_other_prediction_types_match_a_numpy_recomputation(prediction_type) -> None:
+    """Velocity (Salimans and Ho 2022): target sqrt(abar) eps - sqrt(1 - abar) x0, x0_hat = sqrt(abar) x_t -
+    sqrt(1 - abar) v; sample: target x0, x0_hat = the prediction."""
+    targets = _targets([3, 600])
+    pred = _randn(2, 1, 12, 12, 10, seed=5) * 0.5
+    loss_fn = DiffusionLoss(DDPMScheduler(num_train_timesteps=T, prediction_type=prediction_type), ssim_weight=0.5)
+    loss = loss_fn(pred, targets)
+    abar = np.cumprod(1.0 - np.linspace(1e-4, 2e-2, T))[[3, 600]].reshape(2, 1, 1, 1, 1)
+    x0, noise, p = (v.double().numpy() for v in (targets["x0"], targets["noise"], pred))
+    x_t = np.sqrt(abar) * x0 + np.sqrt(1 - abar) * noise
+    if prediction_type == "v_prediction":
+        target, x0_hat = np.sqrt(abar) * noise - np.sqrt(1 - abar) * x0, np.sqrt(abar) * x_t - np.sqrt(1 - abar) * p
+    else:
+        target, x0_hat = x0, p
+    l1 = np.abs(p - target).mean()
+    ssim_term = 1 - np.mean([_ssim_numpy(np.clip(x0_hat[i, 0], 0, 1), x0[i, 0]) for i in range(2)])
+    assert loss.item() == pytest.approx(l1 + 0.5 * ssim_term, rel=1e-4)
+    perfect = loss_fn(torch.as_tensor(target, dtype=torch.float32), targets)
+    assert loss_fn.last_terms["l1"] < 1e-6 and perfect.item() < 1e-4
+
+
+def test_sampler_returns_a_constant_clean_image_prediction_exactly() -> None:
+    """With clean-image prediction, a network that always predicts the same image m makes DDIM return m: the
+    modality-translation bundles' PriorOffset at step 0 (network output 0) samples the mean training DWI."""
+    sampler = DiffusionSampler(num_train_timesteps=T, num_inference_steps=4, prediction_type="sample")
+    m = _rand(1, 1, 8, 8, 4, seed=9) * 0.8 + 0.1
+    out = sampler(_rand(2, 1, 8, 8, 4, seed=8), lambda x, timesteps, context=None: m.expand(x.shape[0], -1, -1, -1, -1))
+    torch.testing.assert_close(out, m.expand(2, -1, -1, -1, -1), rtol=0, atol=1e-5)
+    assert sampler.train_scheduler().prediction_type == "sample"
+    with pytest.raises(ValueError, match="prediction_type"):
+        DiffusionSampler(prediction_type="noise")
+
+
 def test_loss_errors() -> None:
     loss_fn = DiffusionLoss(DDPMScheduler(num_train_timesteps=T))
     with pytest.raises(ValueError, match="targets lack"):
@@ -168,6 +202,10 @@ def test_loss_errors() -> None:
         loss_fn(zeros, {"noise": zeros, "x0": zeros, "timesteps": torch.tensor([1])})
     with pytest.raises(ValueError, match="scheduler"):
         DiffusionLoss(torch.nn.Identity())
+    scheduler = DDPMScheduler(num_train_timesteps=T)
+    scheduler.prediction_type = "score"
+    with pytest.raises(ValueError, match="prediction_type 'score'"):
+        DiffusionLoss(scheduler)
 
 
 # ---------------------------------------------------------------------------------------------------------------

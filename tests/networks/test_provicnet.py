@@ -251,8 +251,13 @@ def test_freeze_finetune_counts(index):
 
 def test_freeze_options():
     model = _model(ProViCNetDense)
-    names = freeze_provicnet_finetune(model, n_trainable_blocks=0, train_norms=False, train_position_tokens=True)
+    names = freeze_provicnet_finetune(model, n_trainable_blocks=0, norms="none", train_position_tokens=True)
     assert {n.split(".")[0] for n in names} == {"head", "axis_pos", "axis_max"}
+    names = freeze_provicnet_finetune(model, norms="final")
+    pattern = re.compile(r"^head\.|^backbone\.blocks\.[23]\.|^backbone\.norm\.")
+    assert names == sorted(n for n, _ in model.named_parameters() if pattern.search(n))
+    with pytest.raises(ValueError, match="norms must be one of"):
+        freeze_provicnet_finetune(model, norms="some")
     with pytest.raises(ValueError):
         freeze_provicnet_finetune(model, n_trainable_blocks=5)
     with pytest.raises(ValueError):

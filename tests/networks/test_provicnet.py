@@ -239,7 +239,7 @@ def _block_params(e: int, hidden: int) -> int:
 def test_freeze_finetune_counts(index):
     torch.manual_seed(7)
     model = _all_models()[index]
-    names = freeze_provicnet_finetune(model)
+    names = freeze_provicnet_finetune(model, norms="all")
     head = sum(p.numel() for p in model.head.parameters())
     expected_count = 2 * _block_params(E, 4 * E) + 2 * (4 * E) + 2 * E + head  # 2 blocks, 2 blocks' norms, final norm
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == expected_count

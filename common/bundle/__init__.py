@@ -30,9 +30,20 @@ from .engine import (
 )
 from .outputs import init_distributed, load_trained, report_evaluation, write_predictions
 from .snapshots import FeatureSnapshots, TestPredictions
-from .tracking import StudyTracker, ensure_experiment, git_commit, sqlite_path, sqlite_uri, unique_run_name
+from .tracking import (
+    StudyTracker,
+    check_tracking_store,
+    check_tracking_uri,
+    ensure_experiment,
+    git_commit,
+    sqlite_path,
+    sqlite_uri,
+    unique_run_name,
+)
 
 __all__ = [
+    "check_tracking_store",
+    "check_tracking_uri",
     "with_mean_prior",
     "DiffusionLoss",
     "DiffusionSampler",

@@ -44,6 +44,7 @@ __all__ = [
     "RunFolderBusy",
     "StudyTracker",
     "Terminated",
+    "check_tracking_store",
     "check_tracking_uri",
     "ensure_experiment",
     "git_commit",
@@ -113,6 +114,21 @@ def check_tracking_uri(uri: str, timeout: float = SERVER_TIMEOUT, create: bool =
             "meant, or pass the study's store (<study_dir>/mlflow.db)"
         )
     return uri
+
+
+def check_tracking_store(uri: str, execute_config: str | os.PathLike | bool | None = None) -> str:
+    """:func:`check_tracking_uri` as the first step of a tracked bundle (``mlflow_config/*.json`` puts it in the
+    bundle's ``tracking_checks``, which ``initialize`` evaluates before any data is loaded or network built).
+
+    On failure the executed config MONAI wrote moments ago for this start (``execute_config``, the bundle's
+    ``save_execute_config``) is removed, so that a failed start leaves nothing in the output folder, and the
+    ``ValueError`` naming the URI is raised."""
+    try:
+        return check_tracking_uri(uri)
+    except ValueError:
+        if isinstance(execute_config, (str, os.PathLike)):
+            Path(execute_config).unlink(missing_ok=True)
+        raise
 
 
 class Terminated(SystemExit):

@@ -110,8 +110,8 @@ class NoisePrepareBatch(DiffusionPrepareBatch):
 
 
 class DiffusionLoss(nn.Module):
-    """L1 noise loss plus an SSIM regulariser on the implied clean image (the modality-translation loss of paper
-    section 3.1, "L1 + SSIM regulariser").
+    """L1 loss on the network's target plus an SSIM regulariser on the implied clean image (the modality-translation
+    loss of paper section 3.1, "L1 + SSIM regulariser").
 
     ``loss = |pred - target|_1 + ssim_weight * (1 - SSIM(clamp(x0_hat, 0, 1), x0))`` with
     ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps`` (``scheduler.add_noise``), ``abar`` =
@@ -122,11 +122,13 @@ class DiffusionLoss(nn.Module):
     - ``"v_prediction"``: target ``v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0``, ``x0_hat = sqrt(abar_t) x_t -
       sqrt(1 - abar_t) pred`` (Salimans and Ho 2022);
     - ``"sample"``: target ``x0``, ``x0_hat = pred``.
- The L1 term is the mean over voxels (the "simple" DDPM objective with L1); SSIM is
+
+    The L1 term is the mean over voxels (the "simple" DDPM objective with L1); SSIM is
     MONAI's differentiable ``SSIMLoss`` (3D Gaussian window, valid region, mean over the batch), which differs in its
     border convention from the test metric :func:`~common.metrics.compute_ssim_3d`. Everything is computed in
     float32 outside autocast, whatever the network's output dtype. At large t, ``1 / sqrt(abar_t)`` amplifies the
-    noise error in ``x0_hat`` under ``"epsilon"`` (about 160x at t = 999 of the linear schedule); the clamp bounds it.
+    noise error in ``x0_hat`` under ``"epsilon"`` (about 160x at t = 999 of the linear schedule); the clamp bounds
+    it.
 
     After each call :attr:`last_terms` holds ``{"l1": float, "ssim": float}`` (the SSIM term is ``1 - SSIM``, before
     weighting), for logging the components of the training loss.

@@ -37,6 +37,7 @@ from .dinov2 import (
     provicnet_backbone,
 )
 from .heads import MLPHead, SubpixelUpsample3dHead, pixel_shuffle_3d
+from .prior import PriorOffset
 from .profound import (
     PROFOUND_SIZES,
     ProFoundClassifier,
@@ -51,6 +52,7 @@ from .profound import (
     profound_encoder,
 )
 from .provicnet import (
+    PROVICNET_NORMS,
     ConvUpsampleHead,
     ProViCNet,
     ProViCNetClassifier,
@@ -58,12 +60,10 @@ from .provicnet import (
     ProViCNetSuperRes,
     convert_dinov2_hub,
     convert_provicnet_official,
-    PROVICNET_NORMS,
     freeze_provicnet_finetune,
     load_provicnet_checkpoint,
     neighbour_slice_indices,
 )
-from .prior import PriorOffset
 from .refined import RefinedDense
 from .restoration import ResidualRestoration
 from .specialised import (

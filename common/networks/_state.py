@@ -28,6 +28,34 @@ def load_weights(path_or_state: str | os.PathLike | Mapping[str, object]) -> Map
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
+#: keys under which training scripts nest a state dict (MONAI's CheckpointSaver, official scripts, ``torch.save`` of
+#: a dict), tried in this order
+WRAPPER_KEYS = ("network", "model", "state_dict", "model_state_dict")
+
+
+def unwrap_state_dict(checkpoint: object) -> dict[str, torch.Tensor]:
+    """The tensor state dict inside a checkpoint, for every loader of the package.
+
+    Descends :data:`WRAPPER_KEYS` while the mapping holds no tensor at its top level, keeps the tensor entries (an
+    official ProFound checkpoint pickles its ``argparse.Namespace`` beside them) and strips DDP's ``module.`` prefix
+    when every key has it. The input is not modified.
+
+    Raises:
+        ValueError: when ``checkpoint`` is no mapping, or no wrapper key leads to tensors (naming the keys it has).
+    """
+    while isinstance(checkpoint, Mapping) and not any(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        inner = next((checkpoint[k] for k in WRAPPER_KEYS if isinstance(checkpoint.get(k), Mapping)), None)
+        if inner is None:
+            raise ValueError(f"no state dict in the checkpoint; its top-level keys are {sorted(checkpoint)[:10]}")
+        checkpoint = inner
+    if not isinstance(checkpoint, Mapping):
+        raise ValueError(f"a checkpoint must be a mapping of tensors, got {type(checkpoint).__name__}")
+    state = {str(k): v for k, v in checkpoint.items() if isinstance(v, torch.Tensor)}
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module.") :]: v for k, v in state.items()}
+    return state
+
+
 #: leading bytes of formats that get passed as checkpoints by mistake
 _MAGIC = {
     b"\x93NUMPY": "looks like a NumPy .npy array (load it with numpy and save a state dict with torch.save)",

@@ -23,7 +23,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from ._state import load_weights, state_dict_problems
+from ._state import load_weights, state_dict_problems, unwrap_state_dict
 from .dinov2 import DinoVisionTransformer
 from .profound import ProFoundEncoder, adapt_profound_stem, detect_profound_format, load_profound_checkpoint
 from .provicnet import detect_provicnet_format, load_provicnet_checkpoint
@@ -31,7 +31,6 @@ from .provicnet import detect_provicnet_format, load_provicnet_checkpoint
 __all__ = ["CHECKPOINT_FORMATS", "detect_checkpoint_format", "load_checkpoint", "read_checkpoint"]
 
 CHECKPOINT_FORMATS = ("profound_dense", "profound_fcmae", "dinov2_hub", "provicnet_official", "state_dict")
-_WRAPPERS = ("network", "model", "state_dict", "model_state_dict")
 
 
 def read_checkpoint(path_or_state: str | os.PathLike | Mapping[str, object]) -> Mapping[str, object]:
@@ -53,22 +52,9 @@ def read_checkpoint(path_or_state: str | os.PathLike | Mapping[str, object]) -> 
     return checkpoint
 
 
-def _unwrap(checkpoint: Mapping[str, object]) -> dict[str, torch.Tensor]:
-    """The tensor state dict inside a checkpoint, without DDP's ``module.`` prefix."""
-    while not any(isinstance(v, torch.Tensor) for v in checkpoint.values()):
-        inner = next((checkpoint[k] for k in _WRAPPERS if isinstance(checkpoint.get(k), Mapping)), None)
-        if inner is None:
-            raise ValueError(f"no state dict in the checkpoint; its top-level keys are {sorted(checkpoint)[:10]}")
-        checkpoint = inner
-    state = {str(k): v for k, v in checkpoint.items() if isinstance(v, torch.Tensor)}
-    if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module.") :]: v for k, v in state.items()}
-    return state
-
-
 def detect_checkpoint_format(checkpoint: Mapping[str, object]) -> str:
     """Return the format of a checkpoint (one of :data:`CHECKPOINT_FORMATS`) from its keys."""
-    state = _unwrap(checkpoint)
+    state = unwrap_state_dict(checkpoint)
     # DINOv2 first: a hub backbone has a top-level mask_token too, which ProFound's rule reads as FCMAE
     for detect, prefix in ((detect_provicnet_format, ""), (detect_profound_format, "profound_")):
         try:
@@ -129,7 +115,7 @@ def load_checkpoint(
     source = os.fspath(path_or_state) if isinstance(path_or_state, str | os.PathLike) else "in-memory checkpoint"
     raw = read_checkpoint(path_or_state)
     try:
-        state = _unwrap(raw)
+        state = unwrap_state_dict(raw)
         fmt = detect_checkpoint_format(state)
         family = _family(model)
         if (

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.checks import check_float, check_int
+
 __all__ = [
     "DINOV2_SIZES",
     "DinoVisionTransformer",
@@ -48,20 +50,6 @@ DINOV2_SIZES: dict[str, dict[str, int | str]] = {
 _FFN_LAYERS = ("mlp", "swiglufused")
 
 
-def _check_int(value: object, name: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}.")
-    return value
-
-
-def _check_float(value: object, name: str, low: float, high: float | None = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < low:
-        raise ValueError(f"{name} must be a finite number >= {low}, got {value!r}.")
-    if high is not None and value > high:
-        raise ValueError(f"{name} must be <= {high}, got {value!r}.")
-    return float(value)
-
-
 def interpolate_pos_embed(
     pos_embed: torch.Tensor,
     grid_hw: tuple[int, int],
@@ -78,7 +66,7 @@ def interpolate_pos_embed(
     """
     if pos_embed.ndim != 3 or pos_embed.shape[0] != 1:
         raise ValueError(f"pos_embed must have shape (1, N, E), got {tuple(pos_embed.shape)}.")
-    h, w = (_check_int(int(v), "grid size") for v in grid_hw)
+    h, w = (check_int(int(v), "grid size") for v in grid_hw)
     return _interpolate_pos_embed(pos_embed, h, w, num_prefix_tokens, antialias, offset)
 
 
@@ -119,11 +107,11 @@ class PatchEmbed(nn.Module):
 
     def __init__(self, img_size: int = 518, patch_size: int = 14, in_chans: int = 3, embed_dim: int = 384) -> None:
         super().__init__()
-        self.img_size = _check_int(img_size, "img_size")
-        self.patch_size = _check_int(patch_size, "patch_size")
+        self.img_size = check_int(img_size, "img_size")
+        self.patch_size = check_int(patch_size, "patch_size")
         if img_size % patch_size:
             raise ValueError(f"img_size ({img_size}) must be a multiple of patch_size ({patch_size}).")
-        self.in_chans = _check_int(in_chans, "in_chans")
+        self.in_chans = check_int(in_chans, "in_chans")
         self.num_patches = (img_size // patch_size) ** 2
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 
@@ -291,15 +279,15 @@ class DinoVisionTransformer(nn.Module):
         interpolate_offset: float = 0.0,
     ) -> None:
         super().__init__()
-        _check_int(embed_dim, "embed_dim")
-        _check_int(depth, "depth")
-        _check_int(num_heads, "num_heads")
-        _check_int(num_register_tokens, "num_register_tokens", minimum=0)
-        _check_float(mlp_ratio, "mlp_ratio", 0.0)
-        _check_float(drop_path_rate, "drop_path_rate", 0.0, 1.0)
-        _check_float(interpolate_offset, "interpolate_offset", 0.0, 1.0)
+        check_int(embed_dim, "embed_dim")
+        check_int(depth, "depth")
+        check_int(num_heads, "num_heads")
+        check_int(num_register_tokens, "num_register_tokens", minimum=0)
+        check_float(mlp_ratio, "mlp_ratio", 0.0)
+        check_float(drop_path_rate, "drop_path_rate", 0.0, 1.0)
+        check_float(interpolate_offset, "interpolate_offset", 0.0, 1.0)
         if init_values is not None:
-            _check_float(init_values, "init_values", 0.0)
+            check_float(init_values, "init_values", 0.0)
         if ffn_layer not in _FFN_LAYERS:
             raise ValueError(f"ffn_layer must be one of {_FFN_LAYERS}, got {ffn_layer!r}.")
         if embed_dim % num_heads:
@@ -402,7 +390,7 @@ class DinoVisionTransformer(nn.Module):
         is applied to each when ``norm`` (dinov2's default).
         """
         if isinstance(n, int):
-            _check_int(n, "n")
+            check_int(n, "n")
             if n > len(self.blocks):
                 raise ValueError(f"n ({n}) exceeds the number of blocks ({len(self.blocks)}).")
             take = set(range(len(self.blocks) - n, len(self.blocks)))

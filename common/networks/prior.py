@@ -51,7 +51,8 @@ class PriorOffset(nn.Module):
         out = self.network(x, *args, **kwargs)
         if out.shape[1:] != self.prior.shape[1:]:
             raise ValueError(
-                f"PriorOffset: the network's output {list(out.shape)} does not match the prior {list(self.prior.shape)}."
+                f"PriorOffset: the network's output {list(out.shape)} does not match the prior "
+                f"{list(self.prior.shape)}."
             )
         return out + self.prior.to(out.dtype)
 

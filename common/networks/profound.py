@@ -32,7 +32,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from ._state import load_weights, state_dict_problems
+from ._state import load_weights, state_dict_problems, unwrap_state_dict
 from .blocks.convnext import ConvNeXtV2Block, LayerNormChannelsFirst
 from .decoders import UnetrDecoder3d, UperNetDecoder3d
 from .heads import MLPHead, SubpixelUpsample3dHead
@@ -487,29 +487,11 @@ class ProFoundSuperRes(_ProFoundModel):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _unwrap(checkpoint: Mapping[str, object]) -> dict[str, torch.Tensor]:
-    """Return the tensor state dict of a checkpoint: unwrap ``model`` / ``state_dict`` / ``model_state_dict`` and
-    strip DDP's ``module.`` prefix. The input is not modified."""
-    if not isinstance(checkpoint, Mapping):
-        raise ValueError(f"ProFound checkpoint must be a mapping, got {type(checkpoint).__name__}.")
-    for key in ("model", "state_dict", "model_state_dict"):
-        inner = checkpoint.get(key)
-        if isinstance(inner, Mapping):
-            checkpoint = inner
-            break
-    out: dict[str, torch.Tensor] = {}
-    for k, v in checkpoint.items():
-        if not isinstance(v, torch.Tensor):
-            raise ValueError(f"ProFound checkpoint entry {k!r} is a {type(v).__name__}, not a tensor.")
-        out[k[len("module.") :] if k.startswith("module.") else k] = v
-    return out
-
-
 def detect_profound_format(state_dict: Mapping[str, object]) -> str:
     """Return ``"fcmae"`` for an official FCMAE pretraining checkpoint (sparse MinkowskiEngine ``*.kernel`` weights
     under ``encoder.``, decoder / mask token) or ``"dense"`` for a dense ``ConvNeXtV2`` encoder or finetuned model
     (wrapped or not). Raise ``ValueError`` for anything else."""
-    keys = list(_unwrap(state_dict))
+    keys = list(unwrap_state_dict(state_dict))
     if any(k.endswith(".kernel") for k in keys) or "mask_token" in keys:
         return "fcmae"
     if any(k == "downsample_layers.0.0.weight" or k.endswith(".downsample_layers.0.0.weight") for k in keys):
@@ -540,7 +522,7 @@ def convert_profound_fcmae(state_dict: Mapping[str, object]) -> dict[str, torch.
     The result has no ``norm.*`` (the pretraining encoder has no final LayerNorm). The input is not modified.
     """
     out: dict[str, torch.Tensor] = {}
-    for key, value in _unwrap(state_dict).items():
+    for key, value in unwrap_state_dict(state_dict).items():
         if any(word in key for word in ("decoder", "mask_token", "proj", "pred")):
             continue
         k = key[len("encoder.") :] if key.startswith("encoder.") else key
@@ -581,7 +563,7 @@ def convert_profound_dense(state_dict: Mapping[str, object]) -> dict[str, torch.
     input is not modified.
     """
     out: dict[str, torch.Tensor] = {}
-    for k, v in _unwrap(state_dict).items():
+    for k, v in unwrap_state_dict(state_dict).items():
         out[f"decoder.{k}" if k.startswith(_OFFICIAL_DECODER_PREFIXES) else k] = v
     return out
 
@@ -597,7 +579,7 @@ def adapt_profound_stem(state_dict: Mapping[str, object], in_channels: int) -> d
     """
     if in_channels < 1:
         raise ValueError(f"adapt_profound_stem: in_channels must be >= 1, got {in_channels}.")
-    out = dict(_unwrap(state_dict))
+    out = dict(unwrap_state_dict(state_dict))
     keys = [k for k in out if k in ("downsample_layers.0.0.weight", "encoder.downsample_layers.0.0.weight")]
     if not keys:
         raise ValueError("adapt_profound_stem: no stem weight 'downsample_layers.0.0.weight' in the state dict.")

@@ -47,7 +47,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.networks._state import load_weights, state_dict_problems
+from common.checks import check_int
+from common.networks._state import load_weights, state_dict_problems, unwrap_state_dict
 from common.networks.dinov2 import DinoVisionTransformer, interpolate_pos_embed, provicnet_backbone
 from common.networks.heads import MLPHead, SubpixelUpsample3dHead
 
@@ -69,16 +70,8 @@ __all__ = [
 
 PROVICNET_FORMATS = ("dinov2_hub", "provicnet_official")
 _EDGE_MODES = ("shift", "replicate")
-# Wrapper keys under which training scripts (MONAI CheckpointSaver, plain torch.save of a dict) nest a state dict.
-_WRAPPER_KEYS = ("state_dict", "model", "network", "model_state_dict")
 # Official modules that are not part of the downstream network: the contrastive pretraining projection head.
 _OFFICIAL_DROPPED_PREFIXES = ("CL_Head.",)
-
-
-def _check_int(value: object, name: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}.")
-    return value
 
 
 def neighbour_slice_indices(depth: int, n_slices: int = 3, edge_mode: str = "shift") -> torch.Tensor:
@@ -89,8 +82,8 @@ def neighbour_slice_indices(depth: int, n_slices: int = 3, edge_mode: str = "shi
     [2,3,4]); when ``depth < n_slices`` it falls back to ``"replicate"``, which clamps indices to the volume
     ([0,0,1], [0,1,2], ..., [3,4,4]).
     """
-    _check_int(depth, "depth")
-    _check_int(n_slices, "n_slices")
+    check_int(depth, "depth")
+    check_int(n_slices, "n_slices")
     if n_slices % 2 == 0:
         raise ValueError(f"n_slices must be odd (centred window), got {n_slices}.")
     if edge_mode not in _EDGE_MODES:
@@ -121,8 +114,8 @@ class ConvUpsampleHead(nn.Module):
 
     def __init__(self, embed_dim: int = 384, out_channels: int = 4) -> None:
         super().__init__()
-        _check_int(embed_dim, "embed_dim")
-        _check_int(out_channels, "out_channels")
+        check_int(embed_dim, "embed_dim")
+        check_int(out_channels, "out_channels")
         self.feature_channels = 64
         self.num_feature_layers = 9  # all but the final convolution
         self.segmentation_conv = nn.Sequential(
@@ -254,7 +247,7 @@ class ProViCNet(_ProViCNetBase):
         drop_path_rate: float = 0.0,
         backbone: DinoVisionTransformer | None = None,
     ) -> None:
-        _check_int(in_chans, "in_chans")
+        check_int(in_chans, "in_chans")
         super().__init__(
             _make_backbone(
                 backbone, backbone_size, in_chans, patch_size, num_register_tokens, backbone_img_size, drop_path_rate
@@ -290,9 +283,9 @@ class _ProViCNetVolume(_ProViCNetBase):
         slice_batch_size: int | None,
         backbone: DinoVisionTransformer | None,
     ) -> None:
-        _check_int(n_modalities, "n_modalities")
+        check_int(n_modalities, "n_modalities")
         neighbour_slice_indices(1, n_slices, edge_mode)  # validates n_slices and edge_mode
-        _check_int(patch_size, "patch_size")
+        check_int(patch_size, "patch_size")
         super().__init__(
             _make_backbone(
                 backbone,
@@ -305,11 +298,11 @@ class _ProViCNetVolume(_ProViCNetBase):
             )
         )
         if slice_size is not None:
-            _check_int(slice_size, "slice_size")
+            check_int(slice_size, "slice_size")
             if slice_size % self.patch_size:
                 raise ValueError(f"slice_size ({slice_size}) must be a multiple of the patch size ({self.patch_size}).")
         if slice_batch_size is not None:
-            _check_int(slice_batch_size, "slice_batch_size")
+            check_int(slice_batch_size, "slice_batch_size")
         self.n_modalities = n_modalities
         self.n_slices = n_slices
         self.slice_size = slice_size
@@ -515,8 +508,8 @@ class ProViCNetClassifier(_ProViCNetVolume):
             slice_batch_size,
             backbone,
         )
-        _check_int(num_classes, "num_classes")
-        _check_int(hidden_dim, "hidden_dim")
+        check_int(num_classes, "num_classes")
+        check_int(hidden_dim, "hidden_dim")
         hidden = (hidden_dim, hidden_dim)
         self.head = MLPHead(self.embed_dim, num_classes, hidden, norm=None, act="gelu", dropout=dropout)
 
@@ -588,8 +581,8 @@ class ProViCNetSuperRes(_ProViCNetVolume):
             slice_batch_size,
             backbone,
         )
-        _check_int(out_channels, "out_channels")
-        _check_int(depth_factor, "depth_factor")
+        check_int(out_channels, "out_channels")
+        check_int(depth_factor, "depth_factor")
         self.out_channels = out_channels
         self.depth_factor = depth_factor
         self.head = SubpixelUpsample3dHead(
@@ -645,7 +638,7 @@ def freeze_provicnet_finetune(
     head = getattr(model, "head", None)
     if not isinstance(backbone, DinoVisionTransformer) or not isinstance(head, nn.Module):
         raise ValueError("model must have a DinoVisionTransformer `backbone` and a `head` (a ProViCNet model).")
-    _check_int(n_trainable_blocks, "n_trainable_blocks", minimum=0)
+    check_int(n_trainable_blocks, "n_trainable_blocks", minimum=0)
     if n_trainable_blocks > len(backbone.blocks):
         raise ValueError(f"n_trainable_blocks ({n_trainable_blocks}) exceeds the depth ({len(backbone.blocks)}).")
     if norms not in PROVICNET_NORMS:
@@ -670,21 +663,6 @@ def freeze_provicnet_finetune(
 # Checkpoints
 
 
-def _unwrap_state_dict(obj: object) -> dict[str, torch.Tensor]:
-    """The tensor mapping inside a checkpoint: descends wrapper keys, strips a DDP ``module.`` prefix."""
-    while isinstance(obj, Mapping) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
-        inner = next((obj[k] for k in _WRAPPER_KEYS if k in obj), None)
-        if inner is None:
-            raise ValueError(f"no state dict found in the checkpoint; top-level keys: {sorted(obj)[:10]}.")
-        obj = inner
-    if not isinstance(obj, Mapping):
-        raise ValueError(f"a checkpoint must be a mapping of tensors, got {type(obj).__name__}.")
-    sd = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-    if sd and all(k.startswith("module.") for k in sd):
-        sd = {k[len("module.") :]: v for k, v in sd.items()}
-    return sd
-
-
 def detect_provicnet_format(state_dict: Mapping[str, object]) -> str:
     """Format of a checkpoint's state dict, one of :data:`PROVICNET_FORMATS`.
 
@@ -692,7 +670,7 @@ def detect_provicnet_format(state_dict: Mapping[str, object]) -> str:
     ``"provicnet_official"``: the official ProViCNet layout (``backbone.*``, ``axis_pos``, ``axis_max``, ``head.*``,
     possibly ``CL_Head.*``), which this project's models share.
     """
-    sd = _unwrap_state_dict(state_dict)
+    sd = unwrap_state_dict(state_dict)
     if "backbone.cls_token" in sd and "axis_pos.weight" in sd and "axis_max.weight" in sd:
         return "provicnet_official"
     if "cls_token" in sd and "patch_embed.proj.weight" in sd and "pos_embed" in sd:
@@ -736,18 +714,18 @@ def convert_dinov2_hub(
     ``img_size`` resamples ``pos_embed`` to that image size's grid (bicubic, ``antialias``/``offset`` as dinov2);
     ``in_chans`` tiles the patch embedding over modality groups (see ``_adapt_patch_weight``). None keeps either.
     """
-    sd = _unwrap_state_dict(state_dict)
+    sd = unwrap_state_dict(state_dict)
     if detect_provicnet_format(sd) != "dinov2_hub":
         raise ValueError("convert_dinov2_hub expects a bare DINOv2 state dict (keys like 'cls_token', 'blocks.0.').")
     sd = dict(sd)
     if img_size is not None:
         patch = sd["patch_embed.proj.weight"].shape[-1]
-        _check_int(img_size, "img_size")
+        check_int(img_size, "img_size")
         if img_size % patch:
             raise ValueError(f"img_size ({img_size}) must be a multiple of the checkpoint's patch size ({patch}).")
         sd["pos_embed"] = _adapt_pos_embed(sd["pos_embed"], (img_size // patch) ** 2 + 1, antialias, offset)
     if in_chans is not None:
-        _check_int(in_chans, "in_chans")
+        check_int(in_chans, "in_chans")
         sd["patch_embed.proj.weight"] = _adapt_patch_weight(sd["patch_embed.proj.weight"], in_chans)
     return {prefix + k: v for k, v in sd.items()}
 
@@ -755,7 +733,7 @@ def convert_dinov2_hub(
 def convert_provicnet_official(state_dict: Mapping[str, object], include_head: bool = True) -> dict[str, torch.Tensor]:
     """Official ProViCNet checkpoint -> this project's ProViCNet models (same names): drops the contrastive
     pretraining head ``CL_Head.*`` and, unless ``include_head``, the task head ``head.*``."""
-    sd = _unwrap_state_dict(state_dict)
+    sd = unwrap_state_dict(state_dict)
     if detect_provicnet_format(sd) != "provicnet_official":
         raise ValueError("convert_provicnet_official expects keys 'backbone.*', 'axis_pos.*' and 'axis_max.*'.")
     dropped = _OFFICIAL_DROPPED_PREFIXES + (() if include_head else ("head.",))

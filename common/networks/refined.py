@@ -4,7 +4,8 @@ A deviation from the paper (Huang et al., ISBI 2026, section 2.2), which does no
 the input resolution (DESIGN.md section 2: no dense head predicts only at a coarser resolution than its target).
 ProFound's UperNet decoder predicts at stride 4 and ProViCNet's head at 8/14 of the resized slice, and both resize
 their logits to the input grid. The lesions of the study are small: on the demo cohort most cover 6-30 voxels of a
-64 x 64 x 32 volume, about the size of one stride-4 cell, where thresholding the high-b DWI alone reaches Dice 0.74-0.83.
+64 x 64 x 32 volume, about the size of one stride-4 cell, where thresholding the high-b DWI alone reaches Dice
+0.74-0.83.
 Measured before this wrapper, demo profile: the FM finetunes reached Dice 0.04 on lesion cases.
 """
 
@@ -66,7 +67,9 @@ class RefinedDense(nn.Module):
         self.out_channels = out_channels
         self.refine: FullResolutionRefinement | None = None
         if refine_channels > 0:
-            self.refine = FullResolutionRefinement(in_channels + out_channels, out_channels, refine_channels, refine_layers)
+            self.refine = FullResolutionRefinement(
+                in_channels + out_channels, out_channels, refine_channels, refine_layers
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C_in, H, W, D) -> (B, C_out, H, W, D)``."""

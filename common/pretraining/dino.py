@@ -57,6 +57,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from common.checks import check_float, check_int
 from common.networks.dinov2 import DinoVisionTransformer
 from common.networks.provicnet import _make_backbone, _ProViCNetBase
 
@@ -85,25 +86,10 @@ _OFFICIAL_LESION_FRACTION = 62 / 64
 _OFFICIAL_BACKGROUND_FRACTION = 2 / 64
 
 
-def _check_int(value: object, name: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}.")
-    return value
-
-
-def _check_float(value: object, name: str, low: float, high: float | None = None, open_low: bool = False) -> float:
-    ok = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
-    ok = ok and (value > low if open_low else value >= low) and (high is None or value <= high)
-    if not ok:
-        bounds = f"{'>' if open_low else '>='} {low}" + ("" if high is None else f" and <= {high}")
-        raise ValueError(f"{name} must be a finite number {bounds}, got {value!r}.")
-    return float(value)
-
-
 def _check_range(value: object, name: str, low: float, high: float | None = None) -> tuple[float, float]:
     if not isinstance(value, Sequence) or isinstance(value, str) or len(value) != 2:
         raise ValueError(f"{name} must be a pair (min, max), got {value!r}.")
-    a, b = (_check_float(v, name, low, high) for v in value)
+    a, b = (check_float(v, name, low, high) for v in value)
     if a > b:
         raise ValueError(f"{name} must satisfy min <= max, got {value!r}.")
     return a, b
@@ -155,9 +141,9 @@ class DINOHead(nn.Module):
     ) -> None:
         super().__init__()
         for value, name in ((in_dim, "in_dim"), (out_dim, "out_dim"), (hidden_dim, "hidden_dim")):
-            _check_int(value, name)
-        _check_int(bottleneck_dim, "bottleneck_dim")
-        _check_int(nlayers, "nlayers")
+            check_int(value, name)
+        check_int(bottleneck_dim, "bottleneck_dim")
+        check_int(nlayers, "nlayers")
         if nlayers == 1:
             self.mlp: nn.Module = nn.Linear(in_dim, bottleneck_dim)
         else:
@@ -229,10 +215,10 @@ def dino_cls_loss(
 def cosine_momentum(step: int, total_steps: int, base: float = 0.996, final: float = 1.0) -> float:
     """Teacher EMA momentum at ``step`` (dinov2 ``CosineScheduler``, no warm-up):
     ``final + (base - final) (1 + cos(pi step / total_steps)) / 2``; ``final`` from ``total_steps`` on."""
-    _check_int(step, "step", minimum=0)
-    _check_int(total_steps, "total_steps")
-    _check_float(base, "base", 0.0, 1.0)
-    _check_float(final, "final", 0.0, 1.0)
+    check_int(step, "step", minimum=0)
+    check_int(total_steps, "total_steps")
+    check_float(base, "base", 0.0, 1.0)
+    check_float(final, "final", 0.0, 1.0)
     if step >= total_steps:
         return float(final)
     return float(final + 0.5 * (base - final) * (1.0 + math.cos(math.pi * step / total_steps)))
@@ -279,7 +265,7 @@ def sample_supcon_patches(
     Only slices with at least one lesion patch are used; from each, up to ``max_patches`` patches, half lesion and
     half background where possible (the shorter class is topped up by the other). Empty when no slice qualifies.
     """
-    _check_int(max_patches, "max_patches", minimum=2)
+    check_int(max_patches, "max_patches", minimum=2)
     flat = labels.reshape(labels.shape[0], -1)
     chosen = []
     for i in range(flat.shape[0]):
@@ -310,7 +296,7 @@ def sample_neighbour_pairs(
     patch, a negative pair if it is background. ``min(#positive, #negative, max_pairs)`` pairs of each kind are
     drawn at random (none when either kind is absent), positives first.
     """
-    _check_int(max_pairs, "max_pairs")
+    check_int(max_pairs, "max_pairs")
     n, gh, gw = labels.shape
     anchors, others, kinds = [], [], []
     for dy in (-1, 0, 1):
@@ -506,32 +492,32 @@ class ProViCNetPretrainer(nn.Module):
         noise_std: float = 0.05,
     ) -> None:
         super().__init__()
-        _check_int(in_chans, "in_chans")
-        _check_int(patch_size, "patch_size")
+        check_int(in_chans, "in_chans")
+        check_int(patch_size, "patch_size")
         if patch_loss not in PATCH_LOSSES:
             raise ValueError(f"patch_loss must be one of {PATCH_LOSSES}, got {patch_loss!r}.")
-        self.student_temp = _check_float(student_temp, "student_temp", 0.0, open_low=True)
-        self.teacher_temp = _check_float(teacher_temp, "teacher_temp", 0.0, open_low=True)
-        self.center_momentum = _check_float(center_momentum, "center_momentum", 0.0, 1.0)
-        self.teacher_momentum = _check_float(teacher_momentum, "teacher_momentum", 0.0, 1.0)
-        self.patch_weight = _check_float(patch_weight, "patch_weight", 0.0)
-        self.patch_temp = _check_float(patch_temp, "patch_temp", 0.0, open_low=True)
-        self.patch_margin = _check_float(patch_margin, "patch_margin", -1.0, 1.0)
-        self.lesion_fraction = _check_float(lesion_fraction, "lesion_fraction", 0.0, 1.0, open_low=True)
-        self.background_fraction = _check_float(background_fraction, "background_fraction", 0.0, 1.0)
+        self.student_temp = check_float(student_temp, "student_temp", 0.0, open_low=True)
+        self.teacher_temp = check_float(teacher_temp, "teacher_temp", 0.0, open_low=True)
+        self.center_momentum = check_float(center_momentum, "center_momentum", 0.0, 1.0)
+        self.teacher_momentum = check_float(teacher_momentum, "teacher_momentum", 0.0, 1.0)
+        self.patch_weight = check_float(patch_weight, "patch_weight", 0.0)
+        self.patch_temp = check_float(patch_temp, "patch_temp", 0.0, open_low=True)
+        self.patch_margin = check_float(patch_margin, "patch_margin", -1.0, 1.0)
+        self.lesion_fraction = check_float(lesion_fraction, "lesion_fraction", 0.0, 1.0, open_low=True)
+        self.background_fraction = check_float(background_fraction, "background_fraction", 0.0, 1.0)
         if self.background_fraction >= self.lesion_fraction:
             raise ValueError(
                 f"background_fraction ({background_fraction}) must be smaller than lesion_fraction ({lesion_fraction})."
             )
         self.patch_loss = patch_loss
-        self.max_pairs = _check_int(max_pairs, "max_pairs")
-        self.max_patches = _check_int(max_patches, "max_patches", minimum=2)
+        self.max_pairs = check_int(max_pairs, "max_pairs")
+        self.max_patches = check_int(max_patches, "max_patches", minimum=2)
         self.view_kwargs = {
             "crop_scale": _check_range(crop_scale, "crop_scale", 0.0, 1.0),
-            "flip_prob": _check_float(flip_prob, "flip_prob", 0.0, 1.0),
-            "intensity_jitter": _check_float(intensity_jitter, "intensity_jitter", 0.0, 1.0),
+            "flip_prob": check_float(flip_prob, "flip_prob", 0.0, 1.0),
+            "intensity_jitter": check_float(intensity_jitter, "intensity_jitter", 0.0, 1.0),
             "gamma_range": _check_range(gamma_range, "gamma_range", 0.0),
-            "noise_std": _check_float(noise_std, "noise_std", 0.0),
+            "noise_std": check_float(noise_std, "noise_std", 0.0),
         }
         if self.view_kwargs["gamma_range"][0] <= 0.0:
             raise ValueError(f"gamma_range must be positive, got {gamma_range!r}.")
@@ -557,7 +543,7 @@ class ProViCNetPretrainer(nn.Module):
         """EMA step ``theta_t <- m theta_t + (1 - m) theta_s`` over every teacher parameter (``momentum`` default:
         ``teacher_momentum``; use :func:`cosine_momentum` for dinov2's schedule). ``momentum=0`` copies the student,
         e.g. after loading pretrained weights into ``student``."""
-        m = self.teacher_momentum if momentum is None else _check_float(momentum, "momentum", 0.0, 1.0)
+        m = self.teacher_momentum if momentum is None else check_float(momentum, "momentum", 0.0, 1.0)
         student = dict(self.student.named_parameters())
         for name, p_t in self.teacher.named_parameters():
             p_t.mul_(m).add_(student[name].detach(), alpha=1.0 - m)

@@ -137,3 +137,20 @@ def test_profound_stem_pretrained_on_three_channels_adapts_to_the_task_channels(
     adapted = torch.nn.functional.conv3d(x.repeat(1, 2, 1, 1, 1), expected, stride=4)
     original = torch.nn.functional.conv3d(x.repeat(1, 3, 1, 1, 1), stem, stride=4)
     assert torch.allclose(adapted, original, atol=1e-5)
+
+
+def test_one_unwrapper_for_every_loader() -> None:
+    """MONAI CheckpointSaver nesting, official FCMAE files with a Namespace beside the weights, DDP prefixes."""
+    import argparse
+
+    from common.networks._state import unwrap_state_dict
+
+    w = {"a.weight": torch.zeros(2), "b.bias": torch.ones(1)}
+    assert unwrap_state_dict(w) == w
+    assert unwrap_state_dict({"network": w, "optimizer": {"state": {}}, "trainer": {"epoch": 3}}) == w
+    assert unwrap_state_dict({"model": {f"module.{k}": v for k, v in w.items()}, "args": argparse.Namespace()}) == w
+    assert unwrap_state_dict({"checkpoint": {"state_dict": w}}.get("checkpoint")) == w
+    with pytest.raises(ValueError, match=r"no state dict in the checkpoint; its top-level keys are \['epoch'\]"):
+        unwrap_state_dict({"epoch": 3})
+    with pytest.raises(ValueError, match="must be a mapping"):
+        unwrap_state_dict([1, 2])

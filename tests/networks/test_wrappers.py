@@ -20,7 +20,9 @@ def _one_thread():
 
 def _dense(in_channels: int = 2, out_channels: int = 2) -> ProFoundDense:
     torch.manual_seed(0)
-    return ProFoundDense("atto", in_channels=in_channels, out_channels=out_channels, hidden_size=8, auxiliary_channels=4)
+    return ProFoundDense(
+        "atto", in_channels=in_channels, out_channels=out_channels, hidden_size=8, auxiliary_channels=4
+    )
 
 
 def _x(c: int = 2) -> torch.Tensor:

@@ -81,6 +81,20 @@ class Task:
     def classification(self) -> bool:
         return self.metric == "specificity_at_sensitivity"
 
+    @property
+    def target_kind(self) -> str:
+        """What the target is: ``"class"`` (a label read from the datalist), ``"mask"`` (a segmentation, scored by
+        Dice) or ``"image"`` (an intensity volume)."""
+        if self.label_key is not None:
+            return "class"
+        return "mask" if self.metric == "dice" else "image"
+
+    @property
+    def restores_in_place(self) -> bool:
+        """An image-to-image task whose input and target share one grid, so ``input - target`` is the degradation
+        (distortion correction; super-resolution's input has fewer slices)."""
+        return self.image_to_image and self.upsample == (1, 1, 1)
+
 
 TASKS: dict[str, Task] = {
     t.id: t

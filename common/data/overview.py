@@ -23,6 +23,7 @@ import numpy as np
 
 from common.data.phantom import ensure_cohort
 from common.profiles import PROFILES, get_profile
+from common.tasks import get_task
 
 CLASS_NAMES = ("PI-RADS<=2", "PI-RADS 3", "PI-RADS 4", "PI-RADS 5")
 
@@ -46,20 +47,21 @@ def _mid_slice(volume: np.ndarray, mask: np.ndarray | None = None) -> int:
 
 def summarise_task(task: str, samples: list[dict]) -> dict:
     """Shapes, label balance and value ranges of one task's pipeline output (``image``/``label`` per sample)."""
+    kind, in_place = get_task(task).target_kind, get_task(task).restores_in_place
     image_shapes = Counter(tuple(_as_numpy(s["image"]).shape) for s in samples)
     summary: dict = {"cases": len(samples), "image_shape": [list(k) for k in image_shapes]}
-    if task == "classification":
+    if kind == "class":
         counts = Counter(int(_as_numpy(s["label"]).reshape(-1)[0]) for s in samples)
         summary["label_balance"] = {CLASS_NAMES[k]: counts.get(k, 0) for k in range(len(CLASS_NAMES))}
         return summary
     summary["label_shape"] = [list(k) for k in Counter(tuple(_as_numpy(s["label"]).shape) for s in samples)]
-    if task == "segmentation":
+    if kind == "mask":
         fractions = [float(_as_numpy(s["label"]).mean()) for s in samples]
         summary["label_balance"] = {
             "cases_with_lesion": int(sum(f > 0 for f in fractions)),
             "lesion_voxel_percent": round(100 * float(np.mean(fractions)), 3),
         }
-    elif task == "distortion_correction":
+    elif in_place:
         change = [float(np.abs(_as_numpy(s["image"]) - _as_numpy(s["label"])).max()) for s in samples]
         summary["label_balance"] = {"max_abs_change_mean": round(float(np.mean(change)), 4)}
     else:
@@ -77,13 +79,14 @@ def preview_task(task: str, samples: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    mask, in_place = get_task(task).target_kind == "mask", get_task(task).restores_in_place
     rows = samples[:2]
-    n_cols = max(_as_numpy(s["image"]).shape[0] for s in rows) + 1 + (task == "distortion_correction")
+    n_cols = max(_as_numpy(s["image"]).shape[0] for s in rows) + 1 + in_place
     fig, axes = plt.subplots(len(rows), n_cols, figsize=(2.6 * n_cols, 2.8 * len(rows)), squeeze=False)
     for row, sample in zip(axes, rows, strict=False):
         image, label = _as_numpy(sample["image"]), _as_numpy(sample["label"])
         dense = label.ndim == 4
-        k_label = _mid_slice(label[0], label[0] > 0.5 if task == "segmentation" else None) if dense else None
+        k_label = _mid_slice(label[0], label[0] > 0.5 if mask else None) if dense else None
         panels = []
         for c in range(image.shape[0]):
             # super-resolution input has half the slices: show the slice at the same position
@@ -95,7 +98,7 @@ def preview_task(task: str, samples: list[dict], path: Path) -> None:
             panels.append((f"input ch{c}", image[c, ..., k]))
         if dense:
             panels.append(("target", label[0, ..., k_label]))
-            if task == "distortion_correction":
+            if in_place:
                 panels.append(("input - target", image[0, ..., k_label] - label[0, ..., k_label]))
         else:
             panels.append((f"label: {CLASS_NAMES[int(label.reshape(-1)[0])]}", None))

@@ -162,19 +162,29 @@ class Run:
         ``multi_gpu_train.json`` over ``train.json`` (the MONAI model-zoo convention)."""
         if self.stage == ANALYSIS:
             return "tools/configs/analyze.json"
-        train = f"bundles/{self.bundle}/configs/train.json"
+        folder = bundle_folder(self.bundle)
+        train = f"{folder}/{self.bundle}/configs/train.json"
         if not multi_gpu:
             return train
-        return f"['{train}','bundles/{self.bundle}/configs/multi_gpu_train.json']"
+        return f"['{train}','{folder}/{self.bundle}/configs/multi_gpu_train.json']"
 
     @property
     def has_multi_gpu(self) -> bool:
-        overlay = REPO / "bundles" / self.bundle / "configs" / "multi_gpu_train.json"
+        overlay = REPO / bundle_folder(self.bundle) / self.bundle / "configs" / "multi_gpu_train.json"
         return self.stage != ANALYSIS and overlay.is_file()
 
     def overrides(self) -> list[str]:
         """``--key value`` for every arg, in order."""
         return [item for key, value in self.args for item in (f"--{key}", value)]
+
+
+def bundle_folder(bundle: str) -> str:
+    """The folder that holds ``bundle``: its FM's ``bundles`` (``common.foundation_models``; an FM registered from
+    outside the repository keeps its bundles there), else the repository's ``bundles``. Relative paths are relative
+    to the repository, the runner's working directory."""
+    fm = bundle.split("_", 1)[0]
+    folder = get_fm(fm).bundles if fm in FMS else None
+    return folder or "bundles"
 
 
 def _pretrain_name(fm: str, seed: int) -> str:
@@ -898,8 +908,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--datalist", help="a real cohort's datalist.json (default: the synthetic cohort, made once)")
     p.add_argument("--tracking_uri", help="MLflow store (default sqlite:///<study_dir>/mlflow.db); a server: "
                    "http://HOST:PORT")  # fmt: skip
-    p.add_argument("--profound_weights", help="official ProFound weights: skips its pretraining runs")
-    p.add_argument("--provicnet_weights", help="official ProViCNet (or DINOv2) weights: skips its pretraining runs")
+    p.add_argument("--weights", nargs="+", action="extend", metavar="FM=PATH", default=[],
+                   help="an FM's official pretrained weights: skips its pretraining runs (FMs: " + ", ".join(FMS)
+                   + ")")  # fmt: skip
+    p.add_argument("--profound_weights", help="official ProFound weights (same as --weights profound=PATH)")
+    p.add_argument("--provicnet_weights", help="official ProViCNet or DINOv2 weights (--weights provicnet=PATH)")
     p.add_argument("--jobs", type=int, help="runs at once (default: one per GPU, on CPU what cores and memory bear)")
     p.add_argument("--only", nargs="+", action="extend", metavar="GLOB",
                    help="run only these runs, by name glob: 'profound_*', 'provicnet_pretrain', '*/random', "
@@ -1004,11 +1017,20 @@ def _resolve(args: argparse.Namespace) -> tuple[Study, str]:
         raise UsageError(f"--seeds must be distinct integers >= 0, got {args.seeds}")
     study_dir = Path(args.study_dir).resolve() if args.study_dir else REPO / "results" / f"study-{args.profile}"
     weights = {}
-    for fm, path in (("profound", args.profound_weights), ("provicnet", args.provicnet_weights)):
+    pairs = [("profound", args.profound_weights), ("provicnet", args.provicnet_weights)]
+    for item in args.weights:
+        fm, sep, path = item.partition("=")
+        if not sep or fm not in FMS or not path:
+            raise UsageError(f"--weights {item}: expected FM=PATH with FM one of {', '.join(FMS)}")
+        pairs.append((fm, path))
+    for fm, path in pairs:
         if path:
             if not Path(path).is_file():
-                raise UsageError(f"--{fm}_weights {path}: no such file")
+                raise UsageError(f"weights of {fm}: {path}: no such file")
             weights[fm] = str(Path(path).resolve())
+    for fm in FMS:
+        if fm not in weights and not get_fm(fm).pretrain_bundle:
+            raise UsageError(f"{fm} has no pretraining bundle: give its weights with --weights {fm}=PATH")
     if args.datalist:
         if not Path(args.datalist).is_file():
             raise UsageError(f"--datalist {args.datalist}: no such file")

@@ -82,8 +82,16 @@ def _adapt_profound_channels(model: nn.Module, state: dict[str, torch.Tensor], f
     return adapt_profound_stem(state, wanted)
 
 
-def _load_by_name(model: nn.Module, state: dict[str, torch.Tensor], strict: bool) -> None:
+def _load_by_name(model: nn.Module, state: dict[str, torch.Tensor], strict: bool, encoder_only: bool = False) -> None:
+    """Load by parameter name. With ``encoder_only`` (a foundation model of your own, README "Bring your own
+    foundation model") only the model's ``encoder.*`` entries are expected, from a checkpoint of the whole model or of
+    the encoder alone (keys without the ``encoder.`` prefix)."""
     expected = model.state_dict()
+    if encoder_only and any(k.startswith("encoder.") for k in expected):
+        expected = {k: v for k, v in expected.items() if k.startswith("encoder.")}
+        if not any(k.startswith("encoder.") for k in state):
+            state = {f"encoder.{k}": v for k, v in state.items()}
+        state = {k: v for k, v in state.items() if k.startswith("encoder.")}
     problems = state_dict_problems(expected, state, strict)
     if problems:
         raise ValueError("\n".join([f"checkpoint does not fit {type(model).__name__}.", *problems]))
@@ -133,7 +141,7 @@ def load_checkpoint(
         elif family == "provicnet" and fmt in ("dinov2_hub", "provicnet_official"):
             load_provicnet_checkpoint(model, state, strict=strict, encoder_only=encoder_only)
         else:
-            _load_by_name(model, state, strict)
+            _load_by_name(model, state, strict, encoder_only)
     except ValueError as err:
         raise ValueError(f"{source}: {err}") from err
     return model

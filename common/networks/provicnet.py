@@ -143,7 +143,7 @@ class ConvUpsampleHead(nn.Module):
         return self.segmentation_conv[-1](self.forward_features(x))
 
 
-def _make_backbone(
+def make_provicnet_backbone(
     backbone: DinoVisionTransformer | None,
     backbone_size: str,
     in_chans: int,
@@ -152,6 +152,8 @@ def _make_backbone(
     backbone_img_size: int,
     drop_path_rate: float,
 ) -> DinoVisionTransformer:
+    """The given backbone (checked to take ``in_chans`` channels), or a new one of ``backbone_size``; shared
+    by the downstream ProViCNet models and the ProViCNet pretraining branches (``common.pretraining.dino``)."""
     if backbone is None:
         return provicnet_backbone(
             backbone_size,
@@ -168,9 +170,10 @@ def _make_backbone(
     return backbone
 
 
-class _ProViCNetBase(nn.Module):
-    """Backbone and slice-position tokens shared by all ProViCNet models (official names ``backbone``,
-    ``axis_pos``, ``axis_max``), with the token preparation of the official ``prepare_tokens_with_axispos``."""
+class ProViCNetBase(nn.Module):
+    """Backbone and slice-position tokens shared by all ProViCNet models and the pretraining branches (official names
+    ``backbone``, ``axis_pos``, ``axis_max``), with the token preparation of the official
+    ``prepare_tokens_with_axispos``."""
 
     def __init__(self, backbone: DinoVisionTransformer) -> None:
         super().__init__()
@@ -221,7 +224,7 @@ class _ProViCNetBase(nn.Module):
         return tokens.transpose(1, 2).reshape(tokens.shape[0], self.embed_dim, h // self.patch_size, -1)
 
 
-class ProViCNet(_ProViCNetBase):
+class ProViCNet(ProViCNetBase):
     """ProViCNet on 2D slice stacks (official ``ProViCNet`` with the "conv1" head): ``(N, C, h, w) -> (N, K, 8h/p,
     8w/p)`` where C = stacked slices (x modalities) and p the patch size (official: 3 x 448 x 448 -> K x 256 x 256).
 
@@ -249,7 +252,7 @@ class ProViCNet(_ProViCNetBase):
     ) -> None:
         check_int(in_chans, "in_chans")
         super().__init__(
-            _make_backbone(
+            make_provicnet_backbone(
                 backbone, backbone_size, in_chans, patch_size, num_register_tokens, backbone_img_size, drop_path_rate
             )
         )
@@ -266,7 +269,7 @@ class ProViCNet(_ProViCNetBase):
         return self.head(self._patch_grid(tokens, h, w))
 
 
-class _ProViCNetVolume(_ProViCNetBase):
+class _ProViCNetVolume(ProViCNetBase):
     """Volume plumbing: ``(B, M, H, W, D)`` -> slice stacks -> per-slice encoding -> volume outputs."""
 
     def __init__(
@@ -287,7 +290,7 @@ class _ProViCNetVolume(_ProViCNetBase):
         neighbour_slice_indices(1, n_slices, edge_mode)  # validates n_slices and edge_mode
         check_int(patch_size, "patch_size")
         super().__init__(
-            _make_backbone(
+            make_provicnet_backbone(
                 backbone,
                 backbone_size,
                 n_modalities * n_slices,

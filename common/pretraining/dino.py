@@ -59,7 +59,7 @@ from torch import nn
 
 from common.checks import check_float, check_int
 from common.networks.dinov2 import DinoVisionTransformer
-from common.networks.provicnet import _make_backbone, _ProViCNetBase
+from common.networks.provicnet import ProViCNetBase, make_provicnet_backbone
 
 __all__ = [
     "PATCH_LOSSES",
@@ -166,7 +166,7 @@ class DINOHead(nn.Module):
         return self.last_layer(x)
 
 
-class _DinoBranch(_ProViCNetBase):
+class _DinoBranch(ProViCNetBase):
     """ProViCNet encoder (``backbone``, ``axis_pos``, ``axis_max``) with a DINO head on the cls token."""
 
     def __init__(self, backbone: DinoVisionTransformer, head: DINOHead) -> None:
@@ -521,7 +521,7 @@ class ProViCNetPretrainer(nn.Module):
         }
         if self.view_kwargs["gamma_range"][0] <= 0.0:
             raise ValueError(f"gamma_range must be positive, got {gamma_range!r}.")
-        backbone = _make_backbone(
+        backbone = make_provicnet_backbone(
             backbone, backbone_size, in_chans, patch_size, num_register_tokens, backbone_img_size, drop_path_rate
         )
         embed_dim = backbone.embed_dim

@@ -40,6 +40,8 @@ from pathlib import Path
 
 import torch
 
+from common.tasks import TASKS
+
 __all__ = [
     "RunFolderBusy",
     "StudyTracker",
@@ -251,6 +253,19 @@ def unique_run_name(prefix: str) -> str:
     return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
 
 
+def study_run_name(tags: Mapping[str, object], prefix: str) -> str:
+    """The MLflow run name of a study run: ``<model> <task> <regime> s<seed>`` from its tags, the task by its short
+    name (``provicnet DC random s0``, ``profound pretrain s0``, ``unet seg specialised s1``), so that the runs of one
+    bundle in its three regimes differ in the first words the MLflow UI shows (a random-weight run was named like a
+    finetune run and cut to the same prefix). Runs without those tags get :func:`unique_run_name` of ``prefix``."""
+    if not all(k in tags for k in ("model", "task", "regime", "seed")):
+        return unique_run_name(prefix)
+    task = str(tags["task"])
+    short = TASKS[task].short if task in TASKS else task
+    words = [str(tags["model"]), short] + ([] if tags["regime"] == task else [str(tags["regime"])])
+    return " ".join(words) + f" s{tags['seed']}"
+
+
 def git_commit() -> str:
     """The repository's commit, with ``+dirty`` when the work tree has changes; ``unknown`` outside git."""
     try:
@@ -330,7 +345,8 @@ class StudyTracker:
         experiment_name: the study's experiment.
         tags: run tags; values are converted to strings.
         output_dir: the run's output folder; ``mlflow_run.json`` there holds the run id for resuming.
-        run_name_prefix: prefix of the unique run name (the bundle name). Default ``"run"``.
+        run_name_prefix: prefix of the unique run name of a run whose tags do not name its model, task, regime and
+            seed (the study's runs are named from those, :func:`study_run_name`). Default ``"run"``.
         params: flat mapping logged as MLflow params. Default none.
         validator: the evaluator whose key metric is ``val_metric``. Default None.
         optimizer: its first group's learning rate is logged as ``lr``. Default None.
@@ -484,7 +500,8 @@ class StudyTracker:
             logger.info(f"MLflow: resuming run {self.run_id} at epoch {engine.state.epoch}")
         else:
             tags = {**self.tags, "git_commit": git_commit()}
-            run = _retry(client.create_run, experiment_id, run_name=unique_run_name(self.run_name_prefix), tags=tags)
+            name = study_run_name(tags, self.run_name_prefix)
+            run = _retry(client.create_run, experiment_id, run_name=name, tags=tags)
             self.run_id = run.info.run_id
             self._previous_seconds = 0.0
             self._existing = {}

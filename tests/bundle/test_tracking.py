@@ -60,7 +60,7 @@ def test_run_has_tags_params_epoch_losses_and_finishes(tmp_path: Path) -> None:
     client = MlflowClient(tracker.tracking_uri)
     run = client.get_run(tracker.run_id)
     assert run.info.status == "FINISHED"
-    assert run.info.run_name.startswith("pf-seg-")
+    assert run.info.run_name == f"profound seg finetune s{TAGS['seed']}"  # what differs between runs comes first
     assert {k: run.data.tags[k] for k in TAGS} == {k: str(v) for k, v in TAGS.items()}
     assert run.data.tags["git_commit"]
     assert run.data.params["lr"] == "0.0001"
@@ -329,3 +329,12 @@ def test_tracking_uri_is_checked_fast_with_a_message_that_names_it(uri: str, mes
 def test_tracking_uri_accepts_a_store_in_an_existing_folder_or_one_it_may_make(tmp_path: Path) -> None:
     assert check_tracking_uri(sqlite_uri(tmp_path / "mlflow.db")) == sqlite_uri(tmp_path / "mlflow.db")
     assert check_tracking_uri(sqlite_uri(tmp_path / "new" / "mlflow.db"), create=True)
+
+
+def test_study_run_names_put_what_differs_first() -> None:
+    from common.bundle.tracking import study_run_name
+
+    tags = {"model": "provicnet", "task": "distortion_correction", "regime": "random", "seed": 2}
+    assert study_run_name(tags, "x") == "provicnet DC random s2"
+    assert study_run_name({**tags, "task": "pretrain", "regime": "pretrain"}, "x") == "provicnet pretrain s2"
+    assert study_run_name({"model": "unet"}, "unet_segmentation").startswith("unet_segmentation-")

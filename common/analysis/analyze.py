@@ -11,6 +11,7 @@ import logging
 import math
 import numbers
 import tempfile
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -270,6 +271,7 @@ class StudyAnalysis:
         """
         import mlflow
 
+        started = time.time()
         client = mlflow.MlflowClient(self.tracking_uri)
         experiment = client.get_experiment_by_name(self.experiment)
         if experiment is None:
@@ -295,7 +297,7 @@ class StudyAnalysis:
         )
         result.files.update(report_md=md, report_html=html)
         if self.log_to_mlflow:
-            result.run_id = self._log(client, experiment.experiment_id, profiles, result)
+            result.run_id = self._log(client, experiment.experiment_id, profiles, result, started)
         logger.info("analysis of study %s written to %s", self.study, self.output_dir)
         return result
 
@@ -499,9 +501,15 @@ class StudyAnalysis:
             "excluded_runs": write_csv(excluded, EXCLUDED_COLUMNS, out / "excluded_runs.csv"),
         }
 
-    def _log(self, client: Any, experiment_id: str, profiles: list[str], result: AnalysisResult) -> str:
-        stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%d-%H%M%S")
+    def _log(self, client: Any, experiment_id: str, profiles: list[str], result: AnalysisResult, started: float) -> str:
+        """One FINISHED MLflow run that holds the analysis: started when the analysis started (its duration is the
+        analysis's), tagged with the code's git commit, its settings as params, summary metrics and every output
+        file as artifacts."""
+        from common.bundle.tracking import git_commit
+
+        stamp = _dt.datetime.fromtimestamp(started, _dt.UTC).strftime("%Y%m%d-%H%M%S")
         tags = {
+            "git_commit": git_commit(),
             "regime": "analysis",
             "study": self.study,
             "bundle": "tools",
@@ -510,7 +518,10 @@ class StudyAnalysis:
             "snapshot": self.snapshot,
         }
         run = client.create_run(
-            experiment_id, run_name=f"analysis-{self.study}-{stamp}-{uuid.uuid4().hex[:6]}", tags=tags
+            experiment_id,
+            run_name=f"analysis {self.study} {stamp}-{uuid.uuid4().hex[:4]}",
+            tags=tags,
+            start_time=int(started * 1000),
         )
         run_id = run.info.run_id
         try:
@@ -518,6 +529,7 @@ class StudyAnalysis:
                 client.log_param(run_id, key, value)
             for key, value in _summary_metrics(result).items():
                 client.log_metric(run_id, key, value)
+            client.log_metric(run_id, "wall_seconds", time.time() - started)
             client.log_artifacts(run_id, str(self.output_dir))
         except Exception:
             client.set_terminated(run_id, status="FAILED")

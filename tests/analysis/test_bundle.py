@@ -234,6 +234,10 @@ def test_clean_study_every_number(clean_study: FakeStudy, tmp_path: Path) -> Non
                       and c["distance"] == "d2p" and c["reference"] == "specialised")  # fmt: skip
     assert metrics["r_provicnet_d2p_specialised"] == pytest.approx(num(headline_r, "pearson_r"))
     assert {"alignment.csv", "correlations.csv", "cost.csv", "report.html", "fig2_distance_vs_rpg.png"} <= logged
+    # the run lasts as long as the analysis did (it was created at the end, 44 ms long) and names the code
+    info = runs[0].info
+    assert (info.end_time - info.start_time) / 1000 >= metrics["wall_seconds"] - 1 > 0
+    assert runs[0].data.tags["git_commit"] and info.run_name.startswith(f"analysis {clean_study.study} ")
 
 
 @pytest.mark.slow

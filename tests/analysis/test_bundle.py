@@ -236,7 +236,7 @@ def test_clean_study_every_number(clean_study: FakeStudy, tmp_path: Path) -> Non
     assert {"alignment.csv", "correlations.csv", "cost.csv", "report.html", "fig2_distance_vs_rpg.png"} <= logged
     # the run lasts as long as the analysis did (it was created at the end, 44 ms long) and names the code
     info = runs[0].info
-    assert (info.end_time - info.start_time) / 1000 >= metrics["wall_seconds"] - 1 > 0
+    assert metrics["wall_seconds"] > 0 and (info.end_time - info.start_time) / 1000 >= metrics["wall_seconds"] - 0.5
     assert runs[0].data.tags["git_commit"] and info.run_name.startswith(f"analysis {clean_study.study} ")
 
 

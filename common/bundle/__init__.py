@@ -36,12 +36,14 @@ from .tracking import (
     check_tracking_uri,
     ensure_experiment,
     git_commit,
+    source_run_id,
     sqlite_path,
     sqlite_uri,
     unique_run_name,
 )
 
 __all__ = [
+    "source_run_id",
     "check_tracking_store",
     "check_tracking_uri",
     "with_mean_prior",

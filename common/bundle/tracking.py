@@ -48,6 +48,7 @@ __all__ = [
     "Terminated",
     "check_tracking_store",
     "check_tracking_uri",
+    "source_run_id",
     "ensure_experiment",
     "git_commit",
     "hold_run_folder",
@@ -251,6 +252,24 @@ def ensure_experiment(tracking_uri: str, experiment_name: str) -> str:
 def unique_run_name(prefix: str) -> str:
     """``<prefix>-<YYYYmmdd-HHMMSS>-<6 hex>``: unique across parallel starts within the same second."""
     return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+
+
+def source_run_id(checkpoint: str | os.PathLike | None) -> str:
+    """The MLflow run id that wrote ``checkpoint``, read from ``mlflow_run.json`` of the run folder it lies in
+    (``<output_dir>/models/model.pt`` -> ``<output_dir>/mlflow_run.json``), or ``"none"`` when the file is not one a
+    study run wrote (official weights, a missing file). A finetune run tags it as ``pretrained_run``, so that it
+    points to its pretraining run in the store, not only by a file path."""
+    if not checkpoint:
+        return "none"
+    path = Path(checkpoint)
+    for folder in (path.parent, path.parent.parent):
+        try:
+            run_id = json.loads((folder / STATE_FILE).read_text()).get("run_id")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if run_id:
+            return str(run_id)
+    return "none"
 
 
 def study_run_name(tags: Mapping[str, object], prefix: str) -> str:

@@ -338,3 +338,15 @@ def test_study_run_names_put_what_differs_first() -> None:
     assert study_run_name(tags, "x") == "provicnet DC random s2"
     assert study_run_name({**tags, "task": "pretrain", "regime": "pretrain"}, "x") == "provicnet pretrain s2"
     assert study_run_name({"model": "unet"}, "unet_segmentation").startswith("unet_segmentation-")
+
+
+def test_source_run_id_reads_the_run_folder_of_a_checkpoint(tmp_path: Path) -> None:
+    from common.bundle.tracking import STATE_FILE, source_run_id
+
+    models = tmp_path / "runs" / "profound_pretrain" / "seed0" / "models"
+    models.mkdir(parents=True)
+    (models / "model.pt").write_bytes(b"")
+    assert source_run_id(models / "model.pt") == "none"  # no run wrote it
+    (models.parent / STATE_FILE).write_text('{"run_id": "abc123", "status": "FINISHED"}')
+    assert source_run_id(models / "model.pt") == "abc123"
+    assert source_run_id(None) == "none" and source_run_id(tmp_path / "official.pt") == "none"

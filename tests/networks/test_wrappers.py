@@ -10,14 +10,6 @@ from common.bundle.downstream import _inner, init_network
 from common.networks import PriorOffset, ProFoundDense, RefinedDense, TimestepConditioned, freeze_profound_finetune
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _dense(in_channels: int = 2, out_channels: int = 2) -> ProFoundDense:
     torch.manual_seed(0)
     return ProFoundDense(

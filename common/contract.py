@@ -17,6 +17,7 @@ images (``nanmean``), or the task's classification metric of ``scores``.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -34,10 +35,13 @@ __all__ = [
     "RUN_FILE",
     "TAG_BASELINE",
     "TAG_LAYER_KINDS",
+    "CHECKPOINT_RE",
     "baseline_metric_name",
+    "checkpoint_files",
     "feature_artifact",
     "feature_file_name",
     "parse_feature_artifact",
+    "resume_checkpoint",
 ]
 
 #: MONAI's bundle metadata schema 20240725, carried in the repository (``common/configs/schema/README.md``)
@@ -47,6 +51,29 @@ FEATURES_DIR = "features"
 PREDICTIONS_ARTIFACT = "test/predictions.npz"
 #: the file a bundle writes in its output folder with its MLflow run id and status (``StudyTracker``)
 RUN_FILE = "mlflow_run.json"
+#: the per-epoch checkpoints a bundle writes in ``<output_dir>/models`` (``SaveCheckpoints``)
+CHECKPOINT_RE = re.compile(r"checkpoint_epoch=(\d+)\.pt$")
+
+
+def checkpoint_files(folder: str | Path) -> list[tuple[int, Path]]:
+    """``(epoch, path)`` of the ``checkpoint_epoch=<k>.pt`` files in ``folder``, oldest first."""
+    matches = ((CHECKPOINT_RE.search(p.name), p) for p in Path(folder).glob("checkpoint_epoch=*.pt"))
+    return sorted((int(m.group(1)), p) for m, p in matches if m)
+
+
+def resume_checkpoint(output_dir: str | Path) -> str | None:
+    """The checkpoint a restarted run continues from: the newest ``models/checkpoint_epoch=<k>.pt`` of
+    ``output_dir``, or None when there is none or when the run there already finished (its :data:`RUN_FILE` says
+    FINISHED): running a finished bundle again trains anew. Shared by the bundles and the study runner."""
+    state = Path(output_dir) / RUN_FILE
+    try:
+        if state.is_file() and json.loads(state.read_text()).get("status") == "FINISHED":
+            return None
+    except (OSError, ValueError):
+        pass
+    found = checkpoint_files(Path(output_dir) / "models")
+    return str(found[-1][1]) if found else None
+
 
 #: recorded layer -> file-name suffix of its snapshots (``features/final.npz``, ``features/final_encoder.npz``)
 LAYERS: dict[str, str] = {"head_input": "", "encoder": "_encoder"}

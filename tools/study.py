@@ -49,6 +49,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TextIO
 
+from common.contract import resume_checkpoint
 from common.foundation_models import fm_ids, get_fm
 from common.tasks import get_task, task_ids
 
@@ -327,15 +328,9 @@ def analysis_is_current(finished: Sequence, study: Study, report: Path) -> bool:
 
 
 def resumable(run: Run) -> bool:
-    """Whether ``run``'s folder holds checkpoints of an unfinished run (the bundle will continue from them)."""
-    if not run.output_dir:
-        return False
-    out = Path(run.output_dir)
-    state = out / "mlflow_run.json"
-    with contextlib.suppress(OSError, ValueError):
-        if state.is_file() and json.loads(state.read_text()).get("status") == "FINISHED":
-            return False
-    return any((out / "models").glob("checkpoint_epoch=*.pt"))
+    """Whether ``run``'s folder holds checkpoints of an unfinished run (the bundle will continue from them): the
+    bundles' own rule, :func:`common.contract.resume_checkpoint`."""
+    return bool(run.output_dir) and resume_checkpoint(run.output_dir) is not None
 
 
 # ------------------------------------------------------------------------------------------------------------------

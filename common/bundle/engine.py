@@ -3,15 +3,15 @@ write custom ones only where a task needs it)."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from common.contract import checkpoint_files, resume_checkpoint
 
 __all__ = [
     "OutputLoss",
@@ -21,8 +21,6 @@ __all__ = [
     "resume_checkpoint",
     "unwrap_model",
 ]
-
-_CHECKPOINT = re.compile(r"checkpoint_epoch=(\d+)\.pt$")
 
 
 class OutputLoss(nn.Module):
@@ -37,24 +35,6 @@ class OutputLoss(nn.Module):
         if not isinstance(prediction, Mapping) or self.key not in prediction:
             raise ValueError(f"OutputLoss: the network output has no {self.key!r} entry")
         return prediction[self.key]
-
-
-def _checkpoints(folder: Path) -> list[tuple[int, Path]]:
-    """``(epoch, path)`` of the ``checkpoint_epoch=<k>.pt`` files in ``folder``, oldest first."""
-    matches = ((_CHECKPOINT.search(p.name), p) for p in folder.glob("checkpoint_epoch=*.pt"))
-    return sorted((int(m.group(1)), p) for m, p in matches if m)
-
-
-def resume_checkpoint(output_dir: str | os.PathLike) -> str | None:
-    """The checkpoint a restarted run continues from: the newest ``models/checkpoint_epoch=<k>.pt`` of
-    ``output_dir``, or None when there is none or when the run there already finished (its ``mlflow_run.json`` says
-    FINISHED): running a finished bundle again trains anew."""
-    folder = Path(output_dir) / "models"
-    state = Path(output_dir) / "mlflow_run.json"
-    if state.is_file() and json.loads(state.read_text()).get("status") == "FINISHED":
-        return None
-    found = _checkpoints(folder)
-    return str(found[-1][1]) if found else None
 
 
 class ResumeCheckpoint:
@@ -139,7 +119,7 @@ class SaveCheckpoints:
         state = {name: unwrap_model(obj).state_dict() for name, obj in self.objects.items()}
         state["trainer"] = engine.state_dict()
         atomic_save(state, self.save_dir / f"checkpoint_epoch={engine.state.epoch}.pt")
-        for _, old in _checkpoints(self.save_dir)[: -self.n_saved]:
+        for _, old in checkpoint_files(self.save_dir)[: -self.n_saved]:
             old.unlink(missing_ok=True)
 
 

@@ -40,6 +40,7 @@ from pathlib import Path
 
 import torch
 
+from common.contract import RUN_FILE
 from common.tasks import TASKS
 
 __all__ = [
@@ -60,7 +61,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 _REPO_ROOT = Path(__file__).resolve().parents[2]
-STATE_FILE = "mlflow_run.json"
+STATE_FILE = RUN_FILE
 LOCK_FILE = ".run.lock"
 #: schemes of the stores MLflow can track to (``postgresql+psycopg2`` counts as ``postgresql``)
 STORE_SCHEMES = ("sqlite", "http", "https", "file", "postgresql", "mysql", "mssql")

@@ -218,8 +218,10 @@ def distortion_correction_steps(seed: int, deterministic: bool) -> TaskSteps:
 
     The field has one polarity for every case (``random_sign=False``), as a protocol's phase-encoding direction and
     polarity are fixed: the amplitude varies between cases, the direction does not. With a random sign per case the
-    direction of the correction cannot be told from the distorted image, the best correction on average is none,
-    and on the demo profile every model stayed at the distorted input's SSIM (0.93194)."""
+    direction of the correction cannot be told from the distorted image and the best correction on average is none
+    (every demo model stayed at the distorted input's SSIM, 0.93194). With one polarity, warping the distorted image
+    back by the mean amplitude (5.5 mm), knowing nothing of the case, raises SSIM from 0.928 to 0.982 (8 demo test
+    cases): the correction can be learnt."""
     distort = RectalDistortiond(keys="image", rectum_key="rectum", target_keys="label", seed=seed, random_sign=False,
                                 deterministic_per_case=deterministic)  # fmt: skip
     return TaskSteps([_MoveItemsd(["t2w"], ["image"])], ("image", "rectum"), [distort])

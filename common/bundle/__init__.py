@@ -9,6 +9,7 @@ from .downstream import (
     INITS,
     baseline_data,
     class_weights,
+    fit_prior,
     init_network,
     load_task_split,
     regime_of,
@@ -18,7 +19,6 @@ from .downstream import (
     test_transforms,
     trainable_summary,
     validation_metric,
-    with_mean_prior,
 )
 from .engine import (
     OutputLoss,
@@ -43,10 +43,10 @@ from .tracking import (
 )
 
 __all__ = [
+    "fit_prior",
     "source_run_id",
     "check_tracking_store",
     "check_tracking_uri",
-    "with_mean_prior",
     "DiffusionLoss",
     "DiffusionSampler",
     "NoisePrepareBatch",

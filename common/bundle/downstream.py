@@ -247,16 +247,15 @@ def baseline_data(task: str, data: Sequence[Mapping[str, object]], profile: str,
     return Dataset(data, transform=task_transforms(task, profile, seed=seed, train=False))
 
 
-def with_mean_prior(model: nn.Module, task: str, data: Sequence[Mapping[str, object]], profile: str, seed: int):
-    """Set the :class:`~common.networks.PriorOffset` ``model``'s prior to the mean target of the training split
-    ``data`` as the test-mode pipeline gives it (the ``mean_dwi`` baseline of modality translation) and return
-    ``model``. Loads every training case once, one at a time."""
+def fit_prior(model: nn.Module, task: str, data: Sequence[Mapping[str, object]], profile: str, seed: int):
+    """``model`` with its prior set, when it is a :class:`~common.networks.PriorOffset` (the modality-translation
+    denoisers): the mean target of the training split ``data`` as the test-mode pipeline gives it (the ``mean_dwi``
+    baseline), loading every training case once, one at a time. Any other network is returned as it is. Every
+    bundle's ``network`` (single- and multi-GPU) passes through here after :func:`init_network`."""
     from monai.data import Dataset
 
     if not isinstance(model, PriorOffset):
-        raise ValueError(
-            f"with_mean_prior: the network must be a common.networks.PriorOffset, got {type(model).__name__}."
-        )
+        return model
     items = Dataset(list(data), transform=task_transforms(task, profile, seed=seed, train=False))
     model.fit_mean(items[i] for i in range(len(items)))
     logger.info(f"prior: the mean target of {len(items)} training cases")

@@ -24,7 +24,7 @@ class PriorOffset(nn.Module):
 
     The buffer is part of the state dict (``prior``), so a trained model carries it: evaluation, inference and export
     need no training data. It starts at zero (``y = network(...)``) and is set once from the training split with
-    :meth:`fit_mean` (the bundles call it through ``common.bundle.with_mean_prior``); it is not trained. The
+    :meth:`fit_mean` (the bundles call it through ``common.bundle.fit_prior``); it is not trained. The
     wrapped network is kept as :attr:`network` (checkpoint loading and the finetune freezing reach it through
     there), and :meth:`forward_representations` / :meth:`representation_kinds` are its own.
 

@@ -12,6 +12,7 @@ from common.bundle.downstream import (
     INITS,
     _inner,
     class_weights,
+    fit_prior,
     init_network,
     load_task_split,
     regime_of,
@@ -20,7 +21,6 @@ from common.bundle.downstream import (
     test_postprocess,
     trainable_summary,
     validation_metric,
-    with_mean_prior,
 )
 from common.data.phantom import make_cohort
 from common.metrics.handlers import BinaryDiceHandler, SpecificityAtSensitivityHandler, SSIM3DHandler
@@ -94,17 +94,17 @@ def test_task_lookups_come_from_the_registry() -> None:
     assert test_postprocess("super_resolution") is None
 
 
-def test_with_mean_prior_sets_the_mean_training_dwi(datalist: Path) -> None:
+def test_fit_prior_sets_the_mean_training_dwi_and_passes_other_networks(datalist: Path) -> None:
     from common.transforms import required_keys, task_transforms
 
     data = load_task_split(datalist, "training", required_keys("modality_translation"))
     first = task_transforms("modality_translation", "smoke", seed=0, train=False)(data[0])["label"]
     model = PriorOffset(nn.Identity(), tuple(first.shape))
-    with_mean_prior(model, "modality_translation", data, "smoke", 0)
+    assert fit_prior(model, "modality_translation", data, "smoke", 0) is model
     items = [task_transforms("modality_translation", "smoke", seed=0, train=False)(d)["label"] for d in data]
     torch.testing.assert_close(model.prior[0], torch.stack([torch.as_tensor(i) for i in items]).mean(0))
-    with pytest.raises(ValueError, match="must be a common.networks.PriorOffset"):
-        with_mean_prior(nn.Identity(), "modality_translation", data, "smoke", 0)
+    other = nn.Identity()
+    assert fit_prior(other, "modality_translation", data, "smoke", 0) is other  # nothing to fit, nothing read
 
 
 def test_save_state_dict_is_atomic_and_loadable(tmp_path: Path) -> None:

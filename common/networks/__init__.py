@@ -75,6 +75,7 @@ from .specialised import (
     specialised_network,
 )
 from .transunet import TransUNet3d
+from .wrapper import WrappedNetwork
 
 __all__ = [
     "CHECKPOINT_FORMATS",
@@ -106,6 +107,7 @@ __all__ = [
     "PriorOffset",
     "RefinedDense",
     "ResidualRestoration",
+    "WrappedNetwork",
     "SubpixelUpsample3dHead",
     "TimestepConditioned",
     "UnetrDecoder3d",

@@ -16,10 +16,12 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
+from .wrapper import WrappedNetwork
+
 __all__ = ["PriorOffset"]
 
 
-class PriorOffset(nn.Module):
+class PriorOffset(WrappedNetwork):
     """``y = network(x, *args, **kwargs) + prior``, ``prior`` a fixed ``(1, C, H, W, D)`` buffer.
 
     The buffer is part of the state dict (``prior``), so a trained model carries it: evaluation, inference and export
@@ -37,13 +39,10 @@ class PriorOffset(nn.Module):
     """
 
     def __init__(self, network: nn.Module, shape: Sequence[int]) -> None:
-        super().__init__()
-        if not isinstance(network, nn.Module):
-            raise ValueError(f"PriorOffset: network must be an nn.Module, got {type(network).__name__}.")
+        super().__init__(network)
         dims = tuple(int(s) for s in shape)
         if len(dims) != 4 or min(dims) < 1:
             raise ValueError(f"PriorOffset: shape must be (C, H, W, D) with positive sizes, got {tuple(shape)}.")
-        self.network = network
         self.register_buffer("prior", torch.zeros((1, *dims)))
 
     def forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
@@ -78,11 +77,3 @@ class PriorOffset(nn.Module):
             raise ValueError("PriorOffset.fit_mean: no items to average.")
         self.prior.copy_((total / n)[None].to(self.prior.dtype))
         return self
-
-    def forward_representations(self, *args: object, **kwargs: object) -> dict[str, torch.Tensor]:
-        """The wrapped network's ``forward_representations``."""
-        return self.network.forward_representations(*args, **kwargs)
-
-    def representation_kinds(self) -> dict[str, str]:
-        """The wrapped network's ``representation_kinds()``."""
-        return self.network.representation_kinds()

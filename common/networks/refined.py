@@ -15,11 +15,12 @@ import torch
 from torch import nn
 
 from .blocks.refinement import FullResolutionRefinement
+from .wrapper import WrappedNetwork
 
 __all__ = ["RefinedDense"]
 
 
-class RefinedDense(nn.Module):
+class RefinedDense(WrappedNetwork):
     """``y = network(x) + refine(cat[x, network(x)])``: the wrapped network's output (e.g. segmentation logits) plus a
     correction computed at the input resolution from the input itself.
 
@@ -54,15 +55,12 @@ class RefinedDense(nn.Module):
         refine_channels: int = 8,
         refine_layers: int = 1,
     ) -> None:
-        super().__init__()
-        if not isinstance(network, nn.Module):
-            raise ValueError(f"RefinedDense: network must be an nn.Module, got {type(network).__name__}.")
+        super().__init__(network)
         if in_channels < 1 or out_channels < 1 or refine_channels < 0 or refine_layers < 1:
             raise ValueError(
                 "RefinedDense: need in_channels, out_channels, refine_layers >= 1 and refine_channels >= 0, got "
                 f"{in_channels}, {out_channels}, {refine_layers}, {refine_channels}."
             )
-        self.network = network
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.refine: FullResolutionRefinement | None = None
@@ -83,11 +81,3 @@ class RefinedDense(nn.Module):
         if list(out.shape) != expected:
             raise ValueError(f"RefinedDense: the network's output {list(out.shape)} is not {expected}.")
         return out + refine(torch.cat([x.to(out.dtype), out], dim=1))
-
-    def forward_representations(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The wrapped network's ``forward_representations(x)``."""
-        return self.network.forward_representations(x)
-
-    def representation_kinds(self) -> dict[str, str]:
-        """The wrapped network's ``representation_kinds()``."""
-        return self.network.representation_kinds()

@@ -18,11 +18,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .blocks.refinement import FullResolutionRefinement
+from .wrapper import WrappedNetwork
 
 __all__ = ["ResidualRestoration"]
 
 
-class ResidualRestoration(nn.Module):
+class ResidualRestoration(WrappedNetwork):
     """A restoration network as a correction of the trivial baseline:
     ``y = baseline(x) + refine(cat[baseline(x), network(x)])``.
 
@@ -76,9 +77,7 @@ class ResidualRestoration(nn.Module):
         refine_channels: int = 8,
         refine_layers: int = 1,
     ) -> None:
-        super().__init__()
-        if not isinstance(network, nn.Module):
-            raise ValueError(f"ResidualRestoration: network must be an nn.Module, got {type(network).__name__}.")
+        super().__init__(network)
         values = tuple(int(s) for s in scale)
         if len(values) != 3 or min(values) < 1:
             raise ValueError(f"ResidualRestoration: scale must be three positive integers, got {tuple(scale)}.")
@@ -86,7 +85,6 @@ class ResidualRestoration(nn.Module):
             raise ValueError(f"ResidualRestoration: channels must be >= 1, got {channels}.")
         if not isinstance(residual, bool):  # a command-line "false" would otherwise read as True
             raise ValueError(f"ResidualRestoration: residual must be True or False, got {residual!r}.")
-        self.network = network
         self.scale: tuple[int, int, int] = (values[0], values[1], values[2])
         self.channels = channels
         self.residual = residual
@@ -118,11 +116,3 @@ class ResidualRestoration(nn.Module):
                 f"{list(base.shape)} (input {list(x.shape)}, scale {self.scale})."
             )
         return base + refine(torch.cat([base, out.to(base.dtype)], dim=1))
-
-    def forward_representations(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The wrapped network's ``forward_representations(x)`` (the FM's own layers, see the class docstring)."""
-        return self.network.forward_representations(x)
-
-    def representation_kinds(self) -> dict[str, str]:
-        """The wrapped network's ``representation_kinds()``."""
-        return self.network.representation_kinds()

@@ -120,19 +120,27 @@ def check_tracking_uri(uri: str, timeout: float = SERVER_TIMEOUT, create: bool =
     return uri
 
 
-def check_tracking_store(uri: str, execute_config: str | os.PathLike | bool | None = None) -> str:
+def check_tracking_store(uri: str, execute_config: str | os.PathLike | bool | None = None,
+                         study_dir: str | os.PathLike | None = None) -> str:
     """:func:`check_tracking_uri` as the first step of a tracked bundle (``mlflow_config/*.json`` puts it in the
     bundle's ``tracking_checks``, which ``initialize`` evaluates before any data is loaded or network built).
 
+    The study's own store, ``<study_dir>/mlflow.db``, may be new: its folder is made (a bundle started on a new
+    study folder must not depend on another run having made it first). Any other SQLite folder must exist.
     On failure the executed config MONAI wrote moments ago for this start (``execute_config``, the bundle's
     ``save_execute_config``) is removed, so that a failed start leaves nothing in the output folder, and the
     ``ValueError`` naming the URI is raised."""
+    store = sqlite_path(str(uri or ""))
+    own = study_dir is not None and store is not None and store.parent.resolve() == Path(study_dir).resolve()
     try:
-        return check_tracking_uri(uri)
+        checked = check_tracking_uri(uri, create=own)
     except ValueError:
         if isinstance(execute_config, (str, os.PathLike)):
             Path(execute_config).unlink(missing_ok=True)
         raise
+    if own:
+        store.parent.mkdir(parents=True, exist_ok=True)
+    return checked
 
 
 class Terminated(SystemExit):

@@ -331,6 +331,21 @@ def test_tracking_uri_accepts_a_store_in_an_existing_folder_or_one_it_may_make(t
     assert check_tracking_uri(sqlite_uri(tmp_path / "new" / "mlflow.db"), create=True)
 
 
+def test_the_study_store_of_a_new_study_folder_is_made_other_missing_folders_stop_the_run(tmp_path: Path) -> None:
+    """Two bundles started at once on a new study folder: the one whose output lies outside the study folder must
+    not depend on the other having made it (CI stop 17 failed on exactly this race)."""
+    from common.bundle.tracking import check_tracking_store
+
+    study = tmp_path / "new-study"
+    assert check_tracking_store(sqlite_uri(study / "mlflow.db"), True, str(study)) == sqlite_uri(study / "mlflow.db")
+    assert study.is_dir()
+    executed = tmp_path / "config_1.json"
+    executed.write_text("{}")
+    with pytest.raises(ValueError, match="does not exist"):
+        check_tracking_store(sqlite_uri(tmp_path / "elsewhere" / "mlflow.db"), str(executed), str(study))
+    assert not executed.exists() and not (tmp_path / "elsewhere").exists()
+
+
 def test_study_run_names_put_what_differs_first() -> None:
     from common.bundle.tracking import study_run_name
 

@@ -120,8 +120,9 @@ def check_tracking_uri(uri: str, timeout: float = SERVER_TIMEOUT, create: bool =
     return uri
 
 
-def check_tracking_store(uri: str, execute_config: str | os.PathLike | bool | None = None,
-                         study_dir: str | os.PathLike | None = None) -> str:
+def check_tracking_store(
+    uri: str, execute_config: str | os.PathLike | bool | None = None, study_dir: str | os.PathLike | None = None
+) -> str:
     """:func:`check_tracking_uri` as the first step of a tracked bundle (``mlflow_config/*.json`` puts it in the
     bundle's ``tracking_checks``, which ``initialize`` evaluates before any data is loaded or network built).
 

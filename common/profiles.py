@@ -83,12 +83,16 @@ class Profile:
 
 
 #: sizes that scale with the profile: ViT-Tiny / ViT-Base (hidden, MLP, layers, heads) for the specialised ViT and
-#: TransUNet, the DDPM UNet's channels, and the DINO / patch head outputs of ProViCNet pretraining (official 65536)
+#: TransUNet, the DDPM UNet's channels, the DINO / patch head outputs of ProViCNet pretraining (official 65536), and the
+#: specialised 3D ResNet-50's width (its depth stays 50; at width 1 a training step at the demo size takes 7.0 s on one
+#: CPU thread, at 0.25 1.0 s: the published width would make it 28 of the demo study's 90 minutes)
 TRANSFORMER_SIZES: dict[str, dict] = {
     "tiny": {"hidden_size": 192, "mlp_dim": 768, "num_layers": 4, "num_heads": 3, "ddpm_channels": [8, 16, 16],
-             "ddpm_groups": 8, "ddpm_head_channels": 8, "dino_out_dim": 1024, "dino_patch_out_dim": 4096},
+             "ddpm_groups": 8, "ddpm_head_channels": 8, "dino_out_dim": 1024, "dino_patch_out_dim": 4096,
+             "resnet_widen_factor": 0.25},
     "base": {"hidden_size": 768, "mlp_dim": 3072, "num_layers": 12, "num_heads": 12, "ddpm_channels": [32, 64, 64],
-             "ddpm_groups": 32, "ddpm_head_channels": 32, "dino_out_dim": 4096, "dino_patch_out_dim": 65536},
+             "ddpm_groups": 32, "ddpm_head_channels": 32, "dino_out_dim": 4096, "dino_patch_out_dim": 65536,
+             "resnet_widen_factor": 1.0},
 }  # fmt: skip
 
 # Padding to multiples of 32 in-plane and 16 through-plane fits ProFound's total strides; in the paper profile

@@ -29,6 +29,7 @@ from .engine import (
     resume_checkpoint,
 )
 from .outputs import init_distributed, load_trained, report_evaluation, write_predictions
+from .plain import PlainPredictionWriter, plain_datalist, plain_transforms, predict_plain_images
 from .snapshots import FeatureSnapshots, TestPredictions
 from .tracking import (
     StudyTracker,
@@ -43,6 +44,10 @@ from .tracking import (
 )
 
 __all__ = [
+    "PlainPredictionWriter",
+    "plain_datalist",
+    "plain_transforms",
+    "predict_plain_images",
     "fit_prior",
     "source_run_id",
     "check_tracking_store",

@@ -326,8 +326,10 @@ def export_bundle(
     run_dir: str | Path | None = None,
     weights: str | Path | None = None,
     make_zip: bool = False,
+    torchscript: bool = True,
 ) -> Path:
-    """Export ``bundle`` to ``out/<name>`` (module docstring); returns that folder (or the zip with ``make_zip``)."""
+    """Export ``bundle`` to ``out/<name>`` (module docstring); returns that folder (or the zip with ``make_zip``).
+    ``torchscript=False`` skips ``models/model.ts`` (scripting takes seconds per bundle)."""
     source = find_bundle(str(bundle))
     name = source.name if source != REPO / "tools" else "vfm_analysis"
     if run_dir is not None and weights is not None:
@@ -378,7 +380,8 @@ def export_bundle(
             _copy(pretrained, target / "models" / "pretrained.pt")
         if weight_file is not None:
             _copy(weight_file, target / "models" / "model.pt")
-            _script(target, target / "models" / "model.ts")
+            if torchscript:
+                _script(target, target / "models" / "model.ts")
     for file, config in configs.items():  # the tools bundle's analyze.json
         config = dict(config)
         config["imports"] = list(_EXPORT_IMPORTS)
@@ -413,7 +416,7 @@ python -m monai.bundle run --config_file $B/configs/inference.json --bundle_root
 python -m monai.bundle verify_metadata --meta_file $B/configs/metadata.json \\
     --filepath $B/configs/schema/meta_schema_20240725.json
 python -m monai.bundle verify_net_in_out network_def --meta_file $B/configs/metadata.json \\
-    --config_file $B/configs/train.json --bundle_root $B
+    --config_file $B/configs/train.json --bundle_root $B --n 2
 # train on your datalist (MONAI decathlon format, see Data below); outputs under $B/results
 python -m monai.bundle run --config_file $B/configs/train.json --bundle_root $B --datalist /data/datalist.json
 # score the test split of the datalist with models/model.pt
@@ -478,10 +481,11 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--run_dir", help="output_dir of a finished run: its models/model.pt and MLflow results")
     source.add_argument("--weights", help="a models/model.pt of the bundle's network_def")
     parser.add_argument("--zip", action="store_true", help="also write <out>/<name>.zip")
+    parser.add_argument("--no_torchscript", action="store_true", help="skip models/model.ts")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        folder = export_bundle(args.bundle, args.out, args.run_dir, args.weights, args.zip)
+        folder = export_bundle(args.bundle, args.out, args.run_dir, args.weights, args.zip, not args.no_torchscript)
     except ExportError as err:
         print(f"export_bundle: {err}", file=sys.stderr)
         return 2

@@ -407,7 +407,7 @@ def export_bundle(
     return archive
 
 
-_REPO_ONLY_SECTIONS = ("Commands", "Outputs")
+_REPO_ONLY_SECTIONS = ("Commands", "Outputs", "Export and share", "Run", "Files")
 _PREDICTING_COMMANDS = """\
 # predict a folder of NIfTI images (<case>_t2w.nii.gz; segmentation also <case>_adc.nii.gz)
 python -m monai.bundle run --config_file $B/configs/inference.json --bundle_root $B \\
@@ -432,7 +432,7 @@ def _write_share_readme(path: Path, name: str, metadata: dict, results: dict, ha
     that hold outside the repository (task, protocol, baseline, data, references, license)."""
     title, _, body = path.read_text().partition("\n")
     sections = re.split(r"(?m)^## ", body)
-    kept = [s for s in sections[1:] if s.split("\n", 1)[0].strip() not in _REPO_ONLY_SECTIONS]
+    kept = [s for s in sections[1:] if not s.split("\n", 1)[0].strip().startswith(_REPO_ONLY_SECTIONS)]
     configs = path.parent.parent / "configs"
     packages = " ".join(["monai==" + str(metadata.get("monai_version", "")), "torch", "nibabel", "pytorch-ignite",
                          "mlflow"])  # fmt: skip

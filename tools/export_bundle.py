@@ -236,8 +236,6 @@ def _exported_train(train: dict, modules: list[str], profile: str | None, finetu
                              "@study_dir + '/cohort-' + @profile")  # fmt: skip
     if finetune:
         config["pretrained_ckpt"] = "$@bundle_root + '/models/pretrained.pt'"
-    if isinstance(config.get("train"), dict) and "train_inferer" in config:
-        config["train"]["inferer"] = "@train_inferer"
     return config
 
 

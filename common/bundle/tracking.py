@@ -295,6 +295,33 @@ def study_run_name(tags: Mapping[str, object], prefix: str) -> str:
     return " ".join(words) + f" s{tags['seed']}"
 
 
+_REGIME_WORDS = {
+    "finetune": "finetuned from its pretrained encoder",
+    "random": "the random-weight reference (same network and freezing, no pretraining)",
+    "scratch": "trained from scratch (every weight, random initialisation)",
+    "specialised": "the task's specialised model, trained from scratch",
+    "pretrain": "pretraining",
+}
+
+
+def study_run_description(tags: Mapping[str, object]) -> str:
+    """The MLflow run description (tag ``mlflow.note.content``, shown on the run's page) of a study run: what it is in
+    words, from its tags; empty for a run without the study's tags."""
+    if not all(k in tags for k in ("model", "task", "regime", "seed")):
+        return ""
+    task = str(tags["task"])
+    title = TASKS[task].title if task in TASKS else task
+    regime = str(tags["regime"])
+    text = f"{tags['model']} on {title}: {_REGIME_WORDS.get(regime, regime)}; seed {tags['seed']}"
+    if "profile" in tags:
+        text += f", profile {tags['profile']}"
+    if tags.get("pretrained_run") not in (None, "", "none"):
+        text += f". Pretrained weights from MLflow run {tags['pretrained_run']}"
+    if "bundle" in tags:
+        text += f". Bundle {tags['bundle']} {tags.get('bundle_version', '')}".rstrip()
+    return text + "."
+
+
 def git_commit() -> str:
     """The repository's commit, with ``+dirty`` when the work tree has changes; ``unknown`` outside git."""
     try:
@@ -529,6 +556,9 @@ class StudyTracker:
             logger.info(f"MLflow: resuming run {self.run_id} at epoch {engine.state.epoch}")
         else:
             tags = {**self.tags, "git_commit": git_commit()}
+            description = study_run_description(tags)
+            if description:
+                tags["mlflow.note.content"] = description
             name = study_run_name(tags, self.run_name_prefix)
             run = _retry(client.create_run, experiment_id, run_name=name, tags=tags)
             self.run_id = run.info.run_id

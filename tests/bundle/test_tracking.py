@@ -355,6 +355,20 @@ def test_study_run_names_put_what_differs_first() -> None:
     assert study_run_name({"model": "unet"}, "unet_segmentation").startswith("unet_segmentation-")
 
 
+def test_study_runs_get_a_description_in_words() -> None:
+    from common.bundle.tracking import study_run_description
+
+    tags = {"model": "profound", "task": "segmentation", "regime": "finetune", "seed": 0, "profile": "demo",
+            "pretrained_run": "abc123", "bundle": "profound_segmentation_finetune",
+            "bundle_version": "0.1.0"}  # fmt: skip
+    assert study_run_description(tags) == (
+        "profound on lesion segmentation: finetuned from its pretrained encoder; seed 0, profile demo. Pretrained "
+        "weights from MLflow run abc123. Bundle profound_segmentation_finetune 0.1.0."
+    )
+    assert "random-weight reference" in study_run_description({**tags, "regime": "random", "pretrained_run": "none"})
+    assert study_run_description({"model": "x"}) == ""
+
+
 def test_source_run_id_reads_the_run_folder_of_a_checkpoint(tmp_path: Path) -> None:
     from common.bundle.tracking import STATE_FILE, source_run_id
 

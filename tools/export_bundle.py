@@ -325,9 +325,12 @@ def export_bundle(
     weights: str | Path | None = None,
     make_zip: bool = False,
     torchscript: bool = True,
+    log_to_mlflow: bool = True,
 ) -> Path:
     """Export ``bundle`` to ``out/<name>`` (module docstring); returns that folder (or the zip with ``make_zip``).
-    ``torchscript=False`` skips ``models/model.ts`` (scripting takes seconds per bundle)."""
+    ``torchscript=False`` skips ``models/model.ts`` (scripting takes seconds per bundle). With ``run_dir`` and
+    ``make_zip``, the zip is also logged to the run's MLflow run (artifact ``export/<name>.zip``) unless
+    ``log_to_mlflow`` is False."""
     source = find_bundle(str(bundle))
     name = source.name if source != REPO / "tools" else "vfm_analysis"
     if run_dir is not None and weights is not None:
@@ -402,7 +405,22 @@ def export_bundle(
             info.external_attr = 0o644 << 16
             info.compress_type = zipfile.ZIP_DEFLATED
             zf.writestr(info, path.read_bytes())
+    if log_to_mlflow and results.get("run_id") and run is not None:
+        _log_export(run, results["run_id"], archive)
     return archive
+
+
+def _log_export(run_dir: Path, run_id: str, archive: Path) -> None:
+    """Log the exported zip to the MLflow run it came from (artifact ``export/``); a store that cannot be written
+    leaves a warning, not a failed export."""
+    try:
+        from mlflow import MlflowClient
+
+        client = MlflowClient(_load_json(run_dir / "mlflow_run.json")["tracking_uri"])
+        client.log_artifact(run_id, str(archive), "export")
+        logger.info(f"logged {archive.name} to MLflow run {run_id} (artifact export/{archive.name})")
+    except Exception as err:  # noqa: BLE001
+        logger.warning(f"could not log {archive.name} to MLflow run {run_id}: {err}")
 
 
 _REPO_ONLY_SECTIONS = ("Commands", "Outputs", "Export and share", "Run", "Files")
@@ -480,10 +498,12 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--weights", help="a models/model.pt of the bundle's network_def")
     parser.add_argument("--zip", action="store_true", help="also write <out>/<name>.zip")
     parser.add_argument("--no_torchscript", action="store_true", help="skip models/model.ts")
+    parser.add_argument("--no_mlflow", action="store_true", help="do not log the zip to the run's MLflow run")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        folder = export_bundle(args.bundle, args.out, args.run_dir, args.weights, args.zip, not args.no_torchscript)
+        folder = export_bundle(args.bundle, args.out, args.run_dir, args.weights, args.zip, not args.no_torchscript,
+                               not args.no_mlflow)  # fmt: skip
     except ExportError as err:
         print(f"export_bundle: {err}", file=sys.stderr)
         return 2

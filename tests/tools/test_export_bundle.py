@@ -173,3 +173,30 @@ def test_the_same_inputs_give_the_same_zip_and_a_torchscript_model(tmp_path: Pat
     assert zips[0].read_bytes() == zips[1].read_bytes()
     model = torch.jit.load(tmp_path / "a" / "profound_classification_scratch" / "models" / "model.ts")
     assert model(torch.zeros(2, 1, 64, 64, 32)).shape == (2, 4)
+
+
+@pytest.mark.slow
+def test_a_run_export_carries_its_results_and_is_logged_to_its_run(tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    from common.bundle import sqlite_uri
+
+    uri = sqlite_uri(tmp_path / "mlflow.db")
+    client = MlflowClient(uri)
+    tags = {"metric_name": "dice", "profile": "smoke", "seed": "0", "regime": "specialised"}
+    run_id = client.create_run(client.create_experiment("vfm-study"), tags=tags).info.run_id
+    client.log_metric(run_id, "test_metric", 0.25)
+    client.log_metric(run_id, "baseline_metric", 0.0)
+    run_dir = tmp_path / "runs" / "unet_segmentation" / "seed0"
+    (run_dir / "models").mkdir(parents=True)
+    _weights("unet_segmentation", run_dir / "models" / "model.pt")
+    (run_dir / "mlflow_run.json").write_text(json.dumps({"run_id": run_id, "tracking_uri": uri}))
+    archive = export_bundle("unet_segmentation", tmp_path / "out", run_dir=run_dir, make_zip=True, torchscript=False)
+    metadata = json.loads((tmp_path / "out" / "unet_segmentation" / "configs" / "metadata.json").read_text())
+    assert metadata["test_results"] == {"run_id": run_id, "metric": "dice", "test_metric": 0.25,
+                                        "baseline_metric": 0.0, "profile": "smoke", "seed": "0",
+                                        "regime": "specialised"}  # fmt: skip
+    readme = (tmp_path / "out" / "unet_segmentation" / "docs" / "README.md").read_text()
+    assert "test dice = 0.2500; the task's strongest trivial baseline scores 0.0000" in readme
+    assert "## Commands" not in readme and "## Using this bundle" in readme
+    assert [a.path for a in client.list_artifacts(run_id, "export")] == [f"export/{archive.name}"]

@@ -138,6 +138,8 @@ class StudyAnalysis:
         fraction: convergence threshold as a fraction of the final validation value, default 0.95.
         log_to_mlflow: log the outputs to a new run tagged ``regime=analysis``, default True.
         bundle_version: the tools bundle's version, recorded as a tag.
+        mlflow_ui: the MLflow UI's address (``http://127.0.0.1:5000``); every run id in the report links to the
+            run's page there. Default None: plain run ids.
     """
 
     def __init__(
@@ -157,6 +159,7 @@ class StudyAnalysis:
         fraction: float = 0.95,
         log_to_mlflow: bool = True,
         bundle_version: str = "",
+        mlflow_ui: str | None = None,
     ) -> None:
         if not isinstance(tracking_uri, str) or not tracking_uri.strip():
             raise ValueError(f"tracking_uri must be a non-empty string, got {tracking_uri!r}.")
@@ -191,6 +194,15 @@ class StudyAnalysis:
         self.fraction = float(fraction)
         self.log_to_mlflow = bool(log_to_mlflow)
         self.bundle_version = str(bundle_version)
+        if mlflow_ui is not None and not str(mlflow_ui).startswith(("http://", "https://")):
+            raise ValueError(f"mlflow_ui must be the UI's address, http(s)://HOST:PORT, got {mlflow_ui!r}.")
+        self.mlflow_ui = None if mlflow_ui is None else str(mlflow_ui).rstrip("/")
+
+    def _run_link(self, experiment_id: str):
+        """Run id -> its page in the MLflow UI at ``mlflow_ui``; None without an address."""
+        if self.mlflow_ui is None:
+            return None
+        return lambda run_id: f"{self.mlflow_ui}/#/experiments/{experiment_id}/runs/{run_id}"
 
     # -- loading -------------------------------------------------------------------------------------------------
 
@@ -294,6 +306,7 @@ class StudyAnalysis:
             settings=self._settings(),
             result=result,
             selection=selection,
+            run_link=self._run_link(experiment.experiment_id),
         )
         result.files.update(report_md=md, report_html=html)
         if self.log_to_mlflow:

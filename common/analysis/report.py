@@ -16,7 +16,7 @@ import html
 import math
 import re
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -331,8 +331,8 @@ def _inline_html(text: str) -> str:
     return re.sub(r"`(.+?)`", r"<code>\1</code>", out)
 
 
-def _md_table(table: Table) -> str:
-    rows = table.cells()
+def _md_table(table: Table, run_link: Callable[[str], str] | None = None) -> str:
+    rows = _linked(table, run_link, lambda text, href: f"[{text}]({href})")
     if not rows:
         return "_none_\n"
     lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
@@ -340,12 +340,30 @@ def _md_table(table: Table) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _html_table(table: Table) -> str:
+def _linked(table: Table, run_link: Callable[[str], str] | None, fmt: Callable[[str, str], str]) -> list[list[str]]:
+    """The table's cells, each ``run_id`` made a link to the run's page in the MLflow UI when ``run_link`` is given
+    (``fmt(text, href)`` writes the link)."""
     rows = table.cells()
+    if run_link is None or "run_id" not in table.columns:
+        return rows
+    k = table.columns.index("run_id")
+    return [[fmt(c, run_link(c)) if i == k and c else c for i, c in enumerate(row)] for row in rows]
+
+
+def _html_table(table: Table, run_link: Callable[[str], str] | None = None) -> str:
+    marker = "\x00"  # a link survives html.escape of the cell as a marked pair, replaced by the anchor after
+    rows = _linked(table, run_link, lambda text, href: f"{marker}{href}{marker}{text}{marker}")
     if not rows:
         return "<p><em>none</em></p>"
+
+    def cell(c: str) -> str:
+        if c.count(marker) == 3:
+            _, href, text, _ = c.split(marker)
+            return f"<a href='{html.escape(href)}'>{html.escape(text)}</a>"
+        return html.escape(c)
+
     head = "".join(f"<th>{html.escape(c)}</th>" for c in table.columns)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
+    body = "".join("<tr>" + "".join(f"<td>{cell(c)}</td>" for c in row) + "</tr>" for row in rows)
     return f"<div class='scroll'><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>"
 
 
@@ -358,6 +376,7 @@ def write_report(
     settings: Mapping[str, object],
     result: Any,
     selection: Any,
+    run_link: Callable[[str], str] | None = None,
 ) -> tuple[Path, Path]:
     """Write ``report.md`` and ``report.html`` into ``out_dir`` (figures must already be there as PNG).
 
@@ -368,6 +387,7 @@ def write_report(
         settings: the analysis options (snapshot, layer, bootstrap size, ...).
         result: the :class:`~common.analysis.analyze.AnalysisResult`.
         selection: the :class:`~common.analysis.runs.Selection` (selected and excluded runs).
+        run_link: run id -> its page in the MLflow UI; every ``run_id`` cell becomes a link when given.
 
     Returns:
         ``(report.md, report.html)`` paths.
@@ -391,11 +411,11 @@ def write_report(
 
     md = [f"# Transfer-limits analysis: {study}\n"] + [f"{n}\n" for n in notes]
     md += ["## How to read this report\n"] + [f"{p}\n" for p in _how_to_read(result)]
-    md += ["### Glossary of columns\n", _md_table(glossary)]
+    md += ["### Glossary of columns\n", _md_table(glossary, run_link)]
     if kinds:
         md += ["### Layer kinds in this study\n", "\n".join(f"- {k}" for k in kinds) + "\n"]
     for table in head:
-        md += [f"## {table.title}\n", _md_table(table)]
+        md += [f"## {table.title}\n", _md_table(table, run_link)]
         if table.sentence:
             md.append(f"{table.sentence}\n")
         if table.title.startswith("Layers"):
@@ -404,7 +424,7 @@ def write_report(
     md += [f"![{caption}]({stem}.png)\n\n{caption} ([SVG]({stem}.svg))"
            + (f" — **empty**: {empty[stem]}" if stem in empty else "") + "\n" for stem, caption in figures]  # fmt: skip
     for table in tail:
-        md += [f"## {table.title}\n", _md_table(table)]
+        md += [f"## {table.title}\n", _md_table(table, run_link)]
         if table.sentence:
             md.append(f"{table.sentence}\n")
     md.append("## What could not be computed\n")
@@ -432,12 +452,12 @@ def write_report(
     for n in notes:
         h.append(f"<p class='note'>{_inline_html(n)}</p>" if n.startswith("**") else f"<p>{_inline_html(n)}</p>")
     h.append("<h2>How to read this report</h2>" + "".join(f"<p>{_inline_html(p)}</p>" for p in _how_to_read(result)))
-    h.append(f"<h3>Glossary of columns</h3>{_html_table(glossary)}")
+    h.append(f"<h3>Glossary of columns</h3>{_html_table(glossary, run_link)}")
     if kinds:
         h.append("<h3>Layer kinds in this study</h3><ul>" + "".join(f"<li>{_inline_html(k)}</li>" for k in kinds)
                  + "</ul>")  # fmt: skip
     for table in head:
-        h.append(f"<h2>{html.escape(table.title)}</h2>{_html_table(table)}")
+        h.append(f"<h2>{html.escape(table.title)}</h2>{_html_table(table, run_link)}")
         if table.sentence:
             h.append(f"<p>{_inline_html(table.sentence)}</p>")
         if table.title.startswith("Layers"):
@@ -451,7 +471,7 @@ def write_report(
         h.append(f"<figure><img alt='{html.escape(caption)}' src='data:image/png;base64,{data}'>"
                  f"<figcaption>{html.escape(caption)}{note}</figcaption></figure>")  # fmt: skip
     for table in tail:
-        h.append(f"<h2>{html.escape(table.title)}</h2>{_html_table(table)}")
+        h.append(f"<h2>{html.escape(table.title)}</h2>{_html_table(table, run_link)}")
         if table.sentence:
             h.append(f"<p>{_inline_html(table.sentence)}</p>")
     h.append("<h2>What could not be computed</h2>")

@@ -79,3 +79,19 @@ def test_report_sentences_marks_and_what_could_not_be_computed(tmp_path: Path) -
     html = html_path.read_text()
     assert "<div class='scroll'><table>" in html and "<b>P</b> is a run" in html
     assert "Smoke profile" not in md
+
+
+def test_run_ids_link_to_their_page_in_the_mlflow_ui(tmp_path: Path) -> None:
+    below = [{"model": "provicnet", "task": "segmentation", "regime": "scratch", "seed": 0, "test_metric": 0.0,
+              "baseline_metric": 0.0, "baseline_name": "empty_mask", "run_id": "abc123"}]  # fmt: skip
+    res = result([alignment("segmentation", 0.3, 0.2, 0.0)])
+    res.below_baseline = below
+    selection = SimpleNamespace(rows=lambda: [], excluded=[])
+    link = lambda run_id: f"http://127.0.0.1:5000/#/experiments/7/runs/{run_id}"  # noqa: E731
+    md_path, html_path = write_report(tmp_path, "s", "s", "sqlite:///x.db", ["demo"], {}, res, selection, link)
+    href = "http://127.0.0.1:5000/#/experiments/7/runs/abc123"
+    assert f"[abc123]({href})" in md_path.read_text()
+    assert f"<a href='{href}'>abc123</a>" in html_path.read_text()
+    (tmp_path / "plain").mkdir()
+    plain, _ = write_report(tmp_path / "plain", "s", "s", "sqlite:///x.db", ["demo"], {}, res, selection)
+    assert "| abc123 |" in plain.read_text() and "](http" not in plain.read_text()

@@ -13,7 +13,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["BASELINES", "TASKS", "Task", "get_task", "task_ids"]
+__all__ = ["BASELINES", "ENCODER_CACHE_MODES", "TASKS", "Task", "get_task", "task_ids"]
+
+#: when a frozen encoder's outputs are kept (``common.networks.FeatureCache``): always, in evaluation only, never
+ENCODER_CACHE_MODES = ("all", "eval", "off")
 
 #: trivial baseline -> what it predicts (``common.metrics.baselines`` computes them)
 BASELINES: dict[str, str] = {
@@ -49,6 +52,10 @@ class Task:
         upsample: per-axis factor ``(H, W, D)`` from the input to the target grid of an image-to-image task.
         pipeline: dotted path of the function ``(seed, deterministic) -> TaskSteps`` that adds the task's own
             transforms to the shared preprocessing (``common.transforms.pipelines``).
+        encoder_cache: which frozen-encoder outputs repeat and are worth keeping (:data:`ENCODER_CACHE_MODES`):
+            ``"all"`` (training inputs repeat: only a flip or a choice among few inputs varies), ``"eval"`` (only the
+            validation and test inputs repeat: the training degradation is drawn anew every epoch) or ``"off"`` (the
+            network's input never repeats, e.g. a diffusion denoiser's noisy input).
     """
 
     id: str
@@ -67,8 +74,11 @@ class Task:
     image_to_image: bool = False
     upsample: tuple[int, int, int] = (1, 1, 1)
     pipeline: str = ""
+    encoder_cache: str = "all"
 
     def __post_init__(self) -> None:
+        if self.encoder_cache not in ENCODER_CACHE_MODES:
+            raise ValueError(f"task {self.id!r}: encoder_cache must be one of {ENCODER_CACHE_MODES}")
         if not self.pipeline:  # the convention: common.transforms.pipelines.<id>_steps
             object.__setattr__(self, "pipeline", f"common.transforms.pipelines.{self.id}_steps")
 
@@ -119,13 +129,13 @@ TASKS: dict[str, Task] = {
             id="distortion_correction", short="DC", title="rectal-air distortion correction",
             volumes=("t2w", "rectum"), metric="ssim", metric_label="SSIM", baselines=("distorted_input",),
             specialised_model="vit", specialised_bundle="vit_distortion_correction",
-            split_proportions=(330, 82, 177), image_to_image=True,
+            split_proportions=(330, 82, 177), image_to_image=True, encoder_cache="eval",
         ),
         Task(
             id="modality_translation", short="MT", title="T2W to DWI translation", volumes=("t2w", "dwi"),
             metric="ssim", metric_label="SSIM of the sampled DWI", baselines=("mean_dwi", "linear_map"),
             specialised_model="ddpm", specialised_bundle="ddpm_modality_translation",
-            snapshot_key="snapshot_input",
+            snapshot_key="snapshot_input", encoder_cache="off",
         ),
     )
 }  # fmt: skip

@@ -258,10 +258,11 @@ def _exported_inference(train: dict) -> dict:
                     "transform": "$@common.bundle.plain_transforms(@task, @profile)"},
         "dataloader": {"_target_": "DataLoader", "dataset": "@dataset", "batch_size": 1, "shuffle": False,
                        "num_workers": 0},
-        "writer": {"_target_": "$@common.bundle.PlainPredictionWriter", "task": "@task", "output_dir": "@output_dir"},
         "evaluator": {"_target_": "SupervisedEvaluator", "device": "@device", "val_data_loader": "@dataloader",
                       "network": "@network", "inferer": "@inferer", "amp": "@amp", "decollate": False,
-                      "prepare_batch": "$@common.bundle.plain_prepare_batch", "val_handlers": ["@writer"]},
+                      "prepare_batch": "$@common.bundle.plain_prepare_batch",
+                      "val_handlers": [{"_target_": "$@common.bundle.PlainPredictionWriter", "task": "@task",
+                                        "output_dir": "@output_dir"}]},
         "initialize": ["$monai.utils.set_determinism(seed=@seed)"],
         "run": ["$@evaluator.run()"],
     })  # fmt: skip

@@ -8,6 +8,7 @@ from .diffusion import DiffusionLoss, DiffusionSampler, NoisePrepareBatch
 from .downstream import (
     INITS,
     baseline_data,
+    cache_frozen_encoder,
     class_weights,
     fit_prior,
     init_network,
@@ -61,6 +62,7 @@ __all__ = [
     "write_predictions",
     "INITS",
     "baseline_data",
+    "cache_frozen_encoder",
     "class_weights",
     "init_network",
     "load_task_split",

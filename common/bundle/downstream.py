@@ -13,6 +13,7 @@ The protocols are DESIGN.md section 3 (paper section 2.2):
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 from collections import Counter
@@ -245,6 +246,23 @@ def baseline_data(task: str, data: Sequence[Mapping[str, object]], profile: str,
     if not TrivialBaselines(task).needs_fit:
         return None
     return Dataset(data, transform=task_transforms(task, profile, seed=seed, train=False))
+
+
+def cache_frozen_encoder(model: nn.Module, mode: str = "all", max_gb: float = 4.0) -> nn.Module:
+    """``model`` with its frozen ProFound encoder's outputs computed once per distinct input
+    (:func:`common.networks.enable_feature_cache`): ``mode`` ``"all"``, ``"eval"`` (validation and test only) or
+    ``"off"``; the task's default is ``common.tasks.Task.encoder_cache`` (bundle key ``encoder_cache``). At most
+    ``max_gb`` GiB of maps are kept. A network without a frozen ProFound encoder is returned unchanged."""
+    from common.networks import enable_feature_cache
+    from common.tasks import ENCODER_CACHE_MODES
+
+    if mode not in ENCODER_CACHE_MODES:
+        raise ValueError(f"encoder_cache must be one of {ENCODER_CACHE_MODES}, got {mode!r}")
+    if mode != "off" and enable_feature_cache(model, int(max_gb * 2**30), mode):
+        logger.info(f"frozen encoder outputs are cached ({mode}, at most {max_gb:g} GiB)")
+        caches = [m.feature_cache for m in model.modules() if getattr(m, "feature_cache", None) is not None]
+        atexit.register(lambda: [logger.info(f"encoder cache at exit: {c}") for c in caches])
+    return model
 
 
 def fit_prior(model: nn.Module, task: str, data: Sequence[Mapping[str, object]], profile: str, seed: int):

@@ -47,6 +47,7 @@ __all__ = [
     "convert_profound_dense",
     "convert_profound_fcmae",
     "detect_profound_format",
+    "enable_feature_cache",
     "freeze_profound_finetune",
     "load_profound_checkpoint",
     "profound_encoder",
@@ -145,6 +146,9 @@ class ProFoundEncoder(nn.Module):
             start += depth
         self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
         self.apply(self._init_weights)
+        #: a :class:`~common.networks.feature_cache.FeatureCache` while the encoder is frozen
+        #: (:func:`enable_feature_cache`); eager mode only, TorchScript computes every time
+        self.feature_cache = None
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -171,6 +175,17 @@ class ProFoundEncoder(nn.Module):
             raise ValueError(f"ProFoundEncoder: expected (B, {self.in_channels}, H, W, D), got {list(x.shape)}.")
         if min(x.shape[2:]) < self.total_stride:
             raise ValueError(f"ProFoundEncoder: every spatial size must be >= 16, got {list(x.shape[2:])}.")
+        if not torch.jit.is_scripting():
+            return self._cached_stages(x)
+        return self._stages(x)
+
+    @torch.jit.unused
+    def _cached_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if self.feature_cache is None or self.training:  # stochastic depth in training mode: nothing repeats
+            return self._stages(x)
+        return self.feature_cache.features(x, self._stages)
+
+    def _stages(self, x: torch.Tensor) -> list[torch.Tensor]:
         maps: list[torch.Tensor] = []
         for down, stage in zip(self.downsample_layers, self.stages, strict=True):
             x = stage(down(x))
@@ -651,3 +666,18 @@ def freeze_profound_finetune(model: nn.Module) -> nn.Module:
         model.encoder_frozen = True
     encoder.eval()
     return model
+
+
+def enable_feature_cache(model: nn.Module, max_bytes: int = 4 << 30, mode: str = "all") -> bool:
+    """Give every frozen :class:`ProFoundEncoder` in ``model`` a :class:`~common.networks.feature_cache.FeatureCache`
+    of ``max_bytes`` and ``mode`` (its outputs computed once per distinct input); returns whether one was given. An
+    encoder with a trainable parameter, or in training mode, keeps computing (a cached output would be stale)."""
+    from .feature_cache import FeatureCache
+
+    given = False
+    for module in model.modules():
+        if isinstance(module, ProFoundEncoder):
+            frozen = not any(p.requires_grad for p in module.parameters())
+            module.feature_cache = FeatureCache(max_bytes, mode) if frozen else None
+            given = given or frozen
+    return given

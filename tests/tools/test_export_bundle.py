@@ -184,7 +184,8 @@ def test_a_run_export_carries_its_results_and_is_logged_to_its_run(tmp_path: Pat
     uri = sqlite_uri(tmp_path / "mlflow.db")
     client = MlflowClient(uri)
     tags = {"metric_name": "dice", "profile": "smoke", "seed": "0", "regime": "specialised"}
-    run_id = client.create_run(client.create_experiment("vfm-study"), tags=tags).info.run_id
+    experiment = client.create_experiment("vfm-study", artifact_location=(tmp_path / "artifacts").as_uri())
+    run_id = client.create_run(experiment, tags=tags).info.run_id
     client.log_metric(run_id, "test_metric", 0.25)
     client.log_metric(run_id, "baseline_metric", 0.0)
     run_dir = tmp_path / "runs" / "unet_segmentation" / "seed0"

@@ -236,6 +236,11 @@ def _exported_train(train: dict, modules: list[str], profile: str | None, finetu
                              "@study_dir + '/cohort-' + @profile")  # fmt: skip
     if finetune:
         config["pretrained_ckpt"] = "$@bundle_root + '/models/pretrained.pt'"
+    handlers = config.get("train", {}).get("handlers", []) if isinstance(config.get("train"), dict) else []
+    for handler in handlers:  # MONAI's optional property val_interval: a reference, as its property check expects
+        if isinstance(handler, dict) and handler.get("_target_") == "ValidationHandler":
+            config["val_interval"] = handler.get("interval", 1)
+            handler["interval"] = "@val_interval"
     return config
 
 

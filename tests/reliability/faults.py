@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 
 #: where a fault strikes: the first iteration of this start (before the first checkpoint of a fresh run), the start
@@ -40,4 +39,7 @@ class Fault:
         self._fired = True
         if self.action == "raise":
             raise InjectedFault(f"injected fault at {self.at}")
-        os.kill(os.getpid(), getattr(signal, self.action))
+        # raise_signal delivers to this (the main) thread, so Python's handler acts here and now; os.kill(getpid())
+        # may deliver to another thread of the process, and the KeyboardInterrupt then surfaces later, wherever the
+        # main thread is (one suite run exited 0 after a SIGINT sent that way at the end of training)
+        signal.raise_signal(getattr(signal, self.action))

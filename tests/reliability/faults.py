@@ -39,7 +39,4 @@ class Fault:
         self._fired = True
         if self.action == "raise":
             raise InjectedFault(f"injected fault at {self.at}")
-        # raise_signal delivers to this (the main) thread, so Python's handler acts here and now; os.kill(getpid())
-        # may deliver to another thread of the process, and the KeyboardInterrupt then surfaces later, wherever the
-        # main thread is (one suite run exited 0 after a SIGINT sent that way at the end of training)
-        signal.raise_signal(getattr(signal, self.action))
+        signal.raise_signal(getattr(signal, self.action))  # to this (the main) thread: Python's handler acts here

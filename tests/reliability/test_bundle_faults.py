@@ -32,6 +32,12 @@ def _command(study: Path, datalist: Path, *extra: str) -> list[str]:
             "--datalist", str(datalist), "--epochs", "2", *extra]  # fmt: skip
 
 
+def _default_sigint() -> None:
+    """Ctrl-C acts in the bundle process even when the suite runs as a background job (a non-interactive shell
+    starts background jobs with SIGINT ignored, and the ignore is inherited: the injected SIGINT then did nothing)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _fault(at: str, action: str) -> tuple[str, str]:
     handler = f"{{'_target_': 'tests.reliability.faults.Fault', 'at': '{at}', 'action': '{action}'}}"
     return "--tracking_handlers", f"[{handler}]"
@@ -51,7 +57,7 @@ def test_faults_at_every_stage_then_a_rerun_leave_one_finished_run(tmp_path: Pat
 
     def run(*extra: str) -> subprocess.CompletedProcess:
         return subprocess.run(_command(study, datalist, *extra), cwd=REPO, env=ENV, capture_output=True, text=True,
-                              timeout=900)  # fmt: skip
+                              timeout=900, preexec_fn=_default_sigint)  # fmt: skip
 
     # (fault, expected exit status, status of the run it hit); SIGINT ends the process as Python does (by SIGINT)
     faults = [

@@ -52,6 +52,8 @@ class Task:
         upsample: per-axis factor ``(H, W, D)`` from the input to the target grid of an image-to-image task.
         pipeline: dotted path of the function ``(seed, deterministic) -> TaskSteps`` that adds the task's own
             transforms to the shared preprocessing (``common.transforms.pipelines``).
+        network_inputs: the volumes the network reads, as plain images at inference (``common.bundle.plain``);
+            ``"adc"`` stands for the case's diffusion volume, ADC or else high-b DWI.
         encoder_cache: which frozen-encoder outputs repeat and are worth keeping (:data:`ENCODER_CACHE_MODES`):
             ``"all"`` (training inputs repeat: only a flip or a choice among few inputs varies), ``"eval"`` (only the
             validation and test inputs repeat: the training degradation is drawn anew every epoch) or ``"off"`` (the
@@ -74,6 +76,7 @@ class Task:
     image_to_image: bool = False
     upsample: tuple[int, int, int] = (1, 1, 1)
     pipeline: str = ""
+    network_inputs: tuple[str, ...] = ("t2w",)
     encoder_cache: str = "all"
 
     def __post_init__(self) -> None:
@@ -118,7 +121,7 @@ TASKS: dict[str, Task] = {
         Task(
             id="segmentation", short="seg", title="lesion segmentation", volumes=("t2w", "adc", "dwi", "lesion"),
             metric="dice", metric_label="Dice on lesion cases", baselines=("empty_mask",),
-            specialised_model="unet", specialised_bundle="unet_segmentation",
+            network_inputs=("t2w", "adc"), specialised_model="unet", specialised_bundle="unet_segmentation",
         ),
         Task(
             id="super_resolution", short="SR", title="through-plane super-resolution", volumes=("t2w",),

@@ -1,9 +1,9 @@
 """Inference on plain images: a folder (or a list) of NIfTI files, no datalist, no labels, predictions written on
 the input's own grid with the input's affine (README, "Share a bundle"; the exported bundles' ``inference.json``).
 
-A case is one input image per volume the task reads (:data:`INPUT_VOLUMES`): a file ``<case>_<volume>.nii[.gz]``
-(e.g. ``p001_t2w.nii.gz`` and ``p001_adc.nii.gz`` for segmentation), or, for a task that reads only T2W, any
-NIfTI file, whose name without its extension is the case id. Segmentation reads T2W and one diffusion volume: ADC
+A case is one input image per volume the task reads (``common.tasks.Task.network_inputs``): a file
+``<case>_<volume>.nii[.gz]`` (e.g. ``p001_t2w.nii.gz`` and ``p001_adc.nii.gz`` for segmentation), or, for a task
+that reads only T2W, any NIfTI file, whose name without its extension is the case id. Segmentation reads T2W and one diffusion volume: ADC
 when the case has one, else the high-b DWI (the study draws one of the two per case, DESIGN.md section 2).
 
 Each input goes through the study's preprocessing (RAS orientation, intensity normalisation, diffusion volume
@@ -34,18 +34,10 @@ from common.tasks import get_task
 from .engine import plain_tensor, unwrap_model
 from .snapshots import evaluating, resolve_device
 
-__all__ = ["INPUT_VOLUMES", "PlainPredictionWriter", "plain_datalist", "plain_transforms", "predict_plain_images"]
+__all__ = ["PlainPredictionWriter", "plain_datalist", "plain_transforms", "predict_plain_images"]
 
 logger = logging.getLogger(__name__)
 
-#: the volumes each task's network reads at inference (segmentation: T2W plus ADC, or DWI when there is no ADC)
-INPUT_VOLUMES: dict[str, tuple[str, ...]] = {
-    "classification": ("t2w",),
-    "segmentation": ("t2w", "adc"),
-    "super_resolution": ("t2w",),
-    "distortion_correction": ("t2w",),
-    "modality_translation": ("t2w",),
-}
 _NIFTI = re.compile(r"^(?P<stem>.+?)\.nii(\.gz)?$")
 _VOLUME = re.compile(r"^(?P<case>.+)_(?P<volume>t2w|adc|dwi|prostate|lesion|rectum)$", re.IGNORECASE)
 
@@ -75,7 +67,7 @@ def plain_datalist(source: str | os.PathLike | Sequence[str | os.PathLike], task
     ``{"id", <volume>: path, ...}`` with the volumes ``task`` reads (module docstring). Raises ``ValueError`` naming
     the case and the volume it lacks, and ``FileNotFoundError`` naming a missing path."""
     spec = get_task(task)
-    wanted = INPUT_VOLUMES[spec.id]
+    wanted = spec.network_inputs
     cases: dict[str, dict[str, str]] = {}
     for path in _files(source):
         stem = _NIFTI.match(path.name)["stem"]

@@ -3,8 +3,9 @@ the input's own grid with the input's affine (README, "Share a bundle"; the expo
 
 A case is one input image per volume the task reads (``common.tasks.Task.network_inputs``): a file
 ``<case>_<volume>.nii[.gz]`` (e.g. ``p001_t2w.nii.gz`` and ``p001_adc.nii.gz`` for segmentation), or, for a task
-that reads only T2W, any NIfTI file, whose name without its extension is the case id. Segmentation reads T2W and one diffusion volume: ADC
-when the case has one, else the high-b DWI (the study draws one of the two per case, DESIGN.md section 2).
+that reads only T2W, any NIfTI file, whose name without its extension is the case id. Segmentation reads T2W and one
+diffusion volume: ADC when the case has one, else the high-b DWI (the study draws one of the two per case, DESIGN.md
+section 2).
 
 Each input goes through the study's preprocessing (RAS orientation, intensity normalisation, diffusion volume
 aligned to T2W, resized to the profile's grid and padded, :func:`common.transforms.pipelines.task_transforms`);

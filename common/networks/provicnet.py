@@ -527,6 +527,53 @@ class ProViCNetClassifier(_ProViCNetVolume):
         return {"head_input": "mlp_hidden", "encoder": "backbone_pooled"}
 
 
+class ProViCNetEncoder(_ProViCNetVolume):
+    """ProViCNet's encoder on volumes: ``(B, M, H, W, D) -> (B, E)``, the mean over the D slices of each slice
+    stack's normalised cls token (with its slice-position tokens): the ``"encoder"`` representation of every
+    volume-level ProViCNet model, without a head. Its state dict (``backbone.*``, ``axis_pos.*``, ``axis_max.*``)
+    is the encoder checkpoint the ProViCNet pretraining bundle writes; the bundle's ``network_def``.
+
+    Args: as :class:`ProViCNetClassifier`, less the head's (``num_classes``, ``hidden_dim``, ``dropout``).
+    """
+
+    def __init__(
+        self,
+        n_modalities: int = 1,
+        n_slices: int = 3,
+        slice_size: int | None = 448,
+        backbone_size: str = "small",
+        patch_size: int = 14,
+        num_register_tokens: int = 4,
+        backbone_img_size: int = 518,
+        drop_path_rate: float = 0.0,
+        edge_mode: str = "shift",
+        slice_batch_size: int | None = None,
+        backbone: DinoVisionTransformer | None = None,
+    ) -> None:
+        super().__init__(
+            n_modalities,
+            n_slices,
+            slice_size,
+            backbone_size,
+            patch_size,
+            num_register_tokens,
+            backbone_img_size,
+            drop_path_rate,
+            edge_mode,
+            slice_batch_size,
+            backbone,
+        )
+
+    def _forward_all(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        cls, _ = self._encode(x, need_grid=False)
+        pooled = _slice_mean(cls, x.shape[0])  # (B, E)
+        return pooled, {"encoder": pooled}
+
+    def representation_kinds(self) -> dict[str, str]:
+        """``encoder``: the mean cls token over slices."""
+        return {"encoder": "backbone_pooled"}
+
+
 class ProViCNetSuperRes(_ProViCNetVolume):
     """ProViCNet for through-plane super-resolution with a sub-pixel head: ``(B, M, H, W, D) -> (B, K, H, W,
     f*D)``.

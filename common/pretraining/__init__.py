@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import os
 
+from torch import nn
+
 from common.networks.checkpoint import load_checkpoint
+from common.networks.provicnet import ProViCNetEncoder
 
 from .dino import (
     DINOHead,
@@ -36,8 +39,30 @@ __all__ = [
     "init_encoder",
     "save_encoder_checkpoint",
     "save_student_checkpoint",
+    "shared_encoder",
     "supcon_loss",
 ]
+
+
+def shared_encoder(model: FCMAEPretrainer | ProViCNetPretrainer, slice_size: int | None = None) -> nn.Module:
+    """The network a pretraining bundle trains and shares (its ``network_def``; DESIGN.md section 7), sharing
+    ``model``'s parameters: ProFound's encoder, ``(B, C, H, W, D) -> (B, dims[3])`` pooled features; ProViCNet's
+    student encoder as a :class:`~common.networks.ProViCNetEncoder`, ``(B, 1, H, W, D) -> (B, E)`` (slices resized
+    to ``slice_size``). Its state dict is what the bundle writes to ``models/model.pt``."""
+    if isinstance(model, FCMAEPretrainer):
+        return model.encoder
+    if isinstance(model, ProViCNetPretrainer):
+        student = model.student
+        encoder = ProViCNetEncoder(
+            n_modalities=1,
+            n_slices=student.backbone.patch_embed.in_chans,
+            slice_size=slice_size,
+            patch_size=student.patch_size,
+            backbone=student.backbone,
+        )
+        encoder.axis_pos, encoder.axis_max = student.axis_pos, student.axis_max
+        return encoder
+    raise ValueError(f"shared_encoder: {type(model).__name__} is not a pretrainer of this project")
 
 
 def init_encoder(model: FCMAEPretrainer | ProViCNetPretrainer, checkpoint: str | os.PathLike | None):

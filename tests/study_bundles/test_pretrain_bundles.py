@@ -124,3 +124,30 @@ def test_metadata_validates_against_the_monai_schema(bundle: str) -> None:
                str(SCHEMA)]  # fmt: skip
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and "metadata is verified with no error" in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("bundle", BUNDLES)
+@pytest.mark.parametrize("n", [1, 2])
+def test_verify_net_in_out(bundle: str, n: int) -> None:
+    """The zoo's check on ``network_def``, the encoder the bundle shares: one image input, one tensor output (at n=1
+    ProFound reads a single 16-voxel patch, which the FCMAE model would mask whole; the encoder does not mask)."""
+    from monai.bundle import verify_net_in_out
+
+    configs = REPO / "bundles" / bundle / "configs"
+    verify_net_in_out(net_id="network_def", meta_file=str(configs / "metadata.json"),
+                      config_file=str(configs / "train.json"), bundle_root=str(REPO / "bundles" / bundle), n=n,
+                      device="cpu")  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bundle", BUNDLES)
+def test_the_written_encoder_loads_strictly_into_network_def(pretrained: dict, bundle: str) -> None:
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(REPO / "bundles" / bundle / "configs" / "train.json"))
+    net = parser.get_parsed_content("network_def")
+    saved = torch.load(pretrained["outputs"][bundle] / "models" / "model.pt", weights_only=True)
+    saved = saved.get("network", saved)  # ProFound's file wraps its state dict as MONAI's CheckpointSaver does
+    net.load_state_dict(saved, strict=True)
+    assert set(net.state_dict()) == set(saved)

@@ -100,7 +100,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> dict:
     for bundle in BUNDLES:
         weights = None if bundle in PRETRAIN else _weights(bundle, work / f"{bundle}.pt")
         export_bundle(bundle, work / "export", weights=weights, torchscript=False)
-        plan[bundle] = [] if bundle in PRETRAIN else ["net", "inference"]
+        plan[bundle] = ["net"] if bundle in PRETRAIN else ["net", "inference"]
     plan[TRAINED].append("train")
     export_bundle("tools", work / "export")
     plan["vfm_analysis"] = []

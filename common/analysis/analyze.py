@@ -529,6 +529,15 @@ class StudyAnalysis:
             "bundle_version": self.bundle_version,
             "profile": ",".join(profiles),
             "snapshot": self.snapshot,
+            # the run's description on its page: MLflow lists artifacts alphabetically, so it points to the report
+            "mlflow.note.content": (
+                f"Analysis of study `{self.study}` (profile {', '.join(profiles)}): "
+                f"{int(result.baseline_counts.get('runs', 0))} runs, "
+                f"{int(result.baseline_counts.get('beat_baseline', 0))} of them beat their task's trivial baseline. "
+                "Read **report.html** first (Artifacts tab): how to read it, the headline table with every P beside "
+                "its baseline, the correlations, cost, figures, and what could not be computed. The CSV tables and "
+                "the figures are the other artifacts (tools/docs/README.md, Outputs)."
+            ),
         }
         run = client.create_run(
             experiment_id,

@@ -238,6 +238,7 @@ def test_clean_study_every_number(clean_study: FakeStudy, tmp_path: Path) -> Non
     info = runs[0].info
     assert metrics["wall_seconds"] > 0 and (info.end_time - info.start_time) / 1000 >= metrics["wall_seconds"] - 0.5
     assert runs[0].data.tags["git_commit"] and info.run_name.startswith(f"analysis {clean_study.study} ")
+    assert "21 runs, 14 of them beat their task's trivial baseline" in runs[0].data.tags["mlflow.note.content"]
 
 
 @pytest.mark.slow

@@ -32,7 +32,7 @@ from .machine import (
     visible_gpus,
 )
 from .slurm import emit_slurm
-from .store import analysis_is_current, finished_runs, is_done, resumable, tracking_setup
+from .store import analysis_is_current, experiment_id, finished_runs, is_done, resumable, tracking_setup
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -140,8 +140,10 @@ def _summary(outcomes: Sequence[Outcome], study: Study, tracking_uri: str, wall:
         print(f"No report yet ({_display(report)} is written by the analysis).", file=out)
     if tracking_uri.startswith("sqlite:"):
         mlflow = Path(sys.executable).with_name("mlflow")
+        found = experiment_id(tracking_uri, study.name)  # its runs table, not MLflow 3's GenAI start page
+        page = "http://127.0.0.1:5000" + (f"/#/experiments/{found}/runs" if found is not None else "")
         print(f"See the runs: {shlex.quote(_display(mlflow))} ui --backend-store-uri {shlex.quote(tracking_uri)} "
-              "--host 127.0.0.1 --port 5000   (then open http://127.0.0.1:5000)", file=out)  # fmt: skip
+              f"--host 127.0.0.1 --port 5000   (then open {page})", file=out)  # fmt: skip
     else:
         print(f"See the runs on the tracking server: {tracking_uri}", file=out)
 

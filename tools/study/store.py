@@ -20,6 +20,19 @@ def tracking_setup(uri: str) -> tuple[list[str], dict[str, str]]:
     return ["--tracking", "mlflow_config/server.json"], {"MLFLOW_TRACKING_URI": uri}
 
 
+def experiment_id(uri: str, experiment: str) -> str | None:
+    """The id of ``experiment`` in the store at ``uri``, or None when the store or the experiment does not exist."""
+    from common.bundle import sqlite_path
+
+    db = sqlite_path(uri)
+    if db is not None and not db.is_file():
+        return None
+    from mlflow import MlflowClient
+
+    found = MlflowClient(uri).get_experiment_by_name(experiment)
+    return None if found is None else found.experiment_id
+
+
 def finished_runs(uri: str, experiment: str) -> list:
     """Every FINISHED MLflow run of ``experiment`` (none when the store or the experiment does not exist yet)."""
     from common.bundle import sqlite_path

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from common.contract import checkpoint_files, resume_checkpoint
+from common.networks.checkpoint import atomic_save
 
 __all__ = [
     "OutputLoss",
@@ -148,20 +149,6 @@ class SaveOnCompleted:
 def plain_tensor(x: torch.Tensor) -> torch.Tensor:
     """A MONAI MetaTensor -> a plain tensor (the engines and metrics need no metadata; plain tensors are faster)."""
     return x.as_tensor() if hasattr(x, "as_tensor") else x
-
-
-def atomic_save(obj: object, path: str | os.PathLike) -> None:
-    """``torch.save(obj)`` to a temporary file beside ``path``, renamed into place: a process killed while saving
-    leaves the previous file intact (MONAI's ``CheckpointSaver`` writes in place)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:  # Ctrl-C or SIGTERM mid-write: leave no half file behind
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def plain_prepare_batch(batchdata, device=None, non_blocking: bool = False, **kwargs):

@@ -34,13 +34,14 @@ import socket
 import subprocess
 import time
 import urllib.parse
+import urllib.request
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
 
-from common.contract import RUN_FILE
+from common.contract import RUN_FILE, checkpoint_files
 from common.tasks import TASKS
 
 __all__ = [
@@ -259,6 +260,16 @@ def ensure_experiment(tracking_uri: str, experiment_name: str) -> str:
         return client.create_experiment(experiment_name, artifact_location=location)
 
 
+def _local_artifact_dir(artifact_uri: str) -> Path | None:
+    """The folder of a ``file:`` (or plain path) artifact URI; None for a remote one (``http``, ``s3``, ...)."""
+    parsed = urllib.parse.urlparse(artifact_uri)
+    if parsed.scheme == "file":
+        return Path(urllib.request.url2pathname(parsed.path))
+    if parsed.scheme == "" and os.path.isabs(artifact_uri):
+        return Path(artifact_uri)
+    return None
+
+
 def unique_run_name(prefix: str) -> str:
     """``<prefix>-<YYYYmmdd-HHMMSS>-<6 hex>``: unique across parallel starts within the same second."""
     return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
@@ -408,6 +419,10 @@ class StudyTracker:
         optimizer: its first group's learning rate is logged as ``lr``. Default None.
         execute_config: the executed-config path MONAI recorded (``@save_execute_config``). Default None.
         artifacts: files logged at the end (e.g. the final checkpoint), ``{path: artifact folder}``. Default none.
+        keep_checkpoints: keep the resumable training state (``<output_dir>/models/checkpoint_epoch=<k>.pt``, with the
+            optimizer's) once the run is FINISHED. Default False: a finished run never resumes from it
+            (:func:`common.contract.resume_checkpoint`), and it is most of a run folder's size; ``models/model.pt``,
+            snapshots, predictions and the config stay.
     """
 
     def __init__(
@@ -422,6 +437,7 @@ class StudyTracker:
         optimizer: torch.optim.Optimizer | None = None,
         execute_config: str | None = None,
         artifacts: Mapping[str, str] | None = None,
+        keep_checkpoints: bool = False,
     ) -> None:
         if not tracking_uri or not experiment_name:
             raise ValueError("StudyTracker: tracking_uri and experiment_name must be non-empty")
@@ -435,6 +451,11 @@ class StudyTracker:
         self.optimizer = optimizer
         self.execute_config = execute_config
         self.artifacts = dict(artifacts or {})
+        if isinstance(keep_checkpoints, str) and keep_checkpoints.lower() in ("true", "false"):
+            keep_checkpoints = keep_checkpoints.lower() == "true"  # `--keep_checkpoints true` on the command line
+        if not isinstance(keep_checkpoints, bool):
+            raise ValueError(f"StudyTracker: keep_checkpoints must be true or false, got {keep_checkpoints!r}")
+        self.keep_checkpoints = keep_checkpoints
         self.run_id: str | None = None
         self._client = None
         self._trainer = None
@@ -658,12 +679,32 @@ class StudyTracker:
             _retry(self._client.log_artifact, self.run_id, str(config), "config")
         for path, folder in self.artifacts.items():
             if os.path.exists(path):
-                _retry(self._client.log_artifact, self.run_id, str(path), folder or None)
+                self._log_file(Path(path), folder or "")
         _retry(self._client.set_terminated, self.run_id, "FINISHED")
         self._segment_start = 0.0
         self._previous_seconds = seconds
         self._write_state("FINISHED")
+        if not self.keep_checkpoints:
+            for _, path in checkpoint_files(self.output_dir / "models"):
+                path.unlink(missing_ok=True)
         self._release()
+
+    def _log_file(self, path: Path, folder: str) -> None:
+        """Log ``path`` as artifact ``folder/<name>``. Where the run's artifacts are a local folder on the same file
+        system (the study's SQLite store), a hard link instead of a copy: the store shows the file without holding
+        a second copy of the weights (files are replaced by rename, never rewritten in place, so the link keeps the
+        logged content)."""
+        root = _local_artifact_dir(self._client.get_run(self.run_id).info.artifact_uri)
+        if root is not None:
+            target = root / folder / path.name
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.unlink(missing_ok=True)
+                os.link(path, target)
+                return
+            except OSError:  # another file system, or no hard links there: copy
+                pass
+        _retry(self._client.log_artifact, self.run_id, str(path), folder or None)
 
     def exception_raised(self, engine, exc: BaseException) -> None:
         """Mark the run FAILED (KILLED for Ctrl-C and SIGTERM), then re-raise. Ignite may call it twice for one

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -145,3 +146,17 @@ def load_checkpoint(
     except ValueError as err:
         raise ValueError(f"{source}: {err}") from err
     return model
+
+
+def atomic_save(obj: object, path: str | os.PathLike) -> None:
+    """``torch.save(obj)`` to a temporary file beside ``path``, renamed into place: a process killed while saving
+    leaves the previous file intact (MONAI's ``CheckpointSaver`` writes in place)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:  # Ctrl-C or SIGTERM mid-write: leave no half file behind
+        tmp.unlink(missing_ok=True)
+        raise

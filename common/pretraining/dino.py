@@ -58,6 +58,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.checks import check_float, check_int
+from common.networks.checkpoint import atomic_save
 from common.networks.dinov2 import DinoVisionTransformer
 from common.networks.provicnet import ProViCNetBase, make_provicnet_backbone
 
@@ -632,8 +633,9 @@ class ProViCNetPretrainer(nn.Module):
 
 
 def save_student_checkpoint(model: ProViCNetPretrainer, path: str | os.PathLike) -> None:
-    """Write ``model.student_state_dict()`` to ``path`` with ``torch.save``: a ``provicnet_official``-format file
-    without ``head.*``, which ProViCNet models load with ``load_provicnet_checkpoint(..., encoder_only=True)``."""
+    """Write ``model.student_state_dict()`` to ``path`` with ``torch.save`` (atomically: a temporary file renamed into
+    place): a ``provicnet_official``-format file without ``head.*``, which ProViCNet models load with
+    ``load_provicnet_checkpoint(..., encoder_only=True)``."""
     if not isinstance(model, ProViCNetPretrainer):
         raise ValueError(f"model must be a ProViCNetPretrainer, got {type(model).__name__}.")
-    torch.save(model.student_state_dict(), os.fspath(path))
+    atomic_save(model.student_state_dict(), path)

@@ -59,6 +59,7 @@ import torch
 from torch import nn
 
 from common.networks.blocks.convnext import ConvNeXtV2Block
+from common.networks.checkpoint import atomic_save
 from common.networks.profound import PROFOUND_SIZES, ProFoundEncoder, profound_encoder
 
 __all__ = [
@@ -344,4 +345,4 @@ def save_encoder_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
     inner = getattr(model, "module", model)
     if not isinstance(inner, FCMAEPretrainer):
         raise ValueError(f"save_encoder_checkpoint: expected an FCMAEPretrainer, got {type(inner).__name__}.")
-    torch.save({"network": inner.encoder_state_dict()}, os.fspath(path))
+    atomic_save({"network": inner.encoder_state_dict()}, path)  # a temporary file renamed into place

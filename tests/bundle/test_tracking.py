@@ -72,6 +72,49 @@ def test_run_has_tags_params_epoch_losses_and_finishes(tmp_path: Path) -> None:
     assert state["run_id"] == tracker.run_id and state["status"] == "FINISHED"
 
 
+@pytest.mark.parametrize("keep", [False, True, "true"])
+def test_a_finished_run_drops_its_resumable_state_unless_kept(tmp_path: Path, keep) -> None:
+    models = tmp_path / "run" / "models"
+    models.mkdir(parents=True)
+    for name in ("checkpoint_epoch=1.pt", "checkpoint_epoch=2.pt", "model.pt"):
+        (models / name).write_bytes(b"x")
+    engine, per_epoch = _engine([1.0, 1.0], epochs=2)
+    seen_while_running = []
+    engine.add_event_handler(Events.EPOCH_COMPLETED, lambda e: seen_while_running.append(len(list(models.iterdir()))))
+    tracker = _tracker(tmp_path, keep_checkpoints=keep)
+    tracker.attach(engine)
+    engine.run(list(range(per_epoch)), max_epochs=2)
+    assert seen_while_running == [3, 3]  # a run that is interrupted keeps what it resumes from
+    kept = sorted(p.name for p in models.iterdir())
+    assert kept == (["checkpoint_epoch=1.pt", "checkpoint_epoch=2.pt", "model.pt"] if keep else ["model.pt"])
+
+
+def test_a_logged_file_in_a_local_store_is_a_hard_link_not_a_copy(tmp_path: Path) -> None:
+    weights = tmp_path / "run" / "models" / "model.pt"
+    weights.parent.mkdir(parents=True)
+    torch.save({"w": torch.arange(4.0)}, weights)
+    engine, per_epoch = _engine([1.0], epochs=1)
+    tracker = _tracker(tmp_path, artifacts={str(weights): "model"})
+    tracker.attach(engine)
+    engine.run(list(range(per_epoch)), max_epochs=1)
+    client = MlflowClient(tracker.tracking_uri)
+    assert [a.path for a in client.list_artifacts(tracker.run_id, "model")] == ["model/model.pt"]
+    logged = Path(client.download_artifacts(tracker.run_id, "model/model.pt", str(tmp_path / "dl")))
+    assert torch.equal(torch.load(logged, weights_only=True)["w"], torch.arange(4.0))
+    stored = Path(client.get_run(tracker.run_id).info.artifact_uri.removeprefix("file://")) / "model" / "model.pt"
+    assert stored.stat().st_ino == weights.stat().st_ino  # one copy on disk
+    # a later save replaces the file by rename (atomic_save): the logged artifact keeps what was logged
+    from common.networks.checkpoint import atomic_save
+
+    atomic_save({"w": torch.zeros(4)}, weights)
+    assert torch.equal(torch.load(stored, weights_only=True)["w"], torch.arange(4.0))
+
+
+def test_keep_checkpoints_must_be_a_boolean(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="keep_checkpoints must be true or false, got 'yes'"):
+        _tracker(tmp_path, keep_checkpoints="yes")
+
+
 def test_validator_key_metric_is_logged_per_trainer_epoch(tmp_path: Path) -> None:
     engine, per_epoch = _engine([1.0, 1.0, 1.0], epochs=3)
     validator = Engine(lambda e, b: None)

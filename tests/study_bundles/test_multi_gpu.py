@@ -32,7 +32,9 @@ def _torchrun(bundle: str, study_dir: Path, datalist: Path) -> subprocess.Comple
                "--rdzv-backend=c10d", "--rdzv-endpoint=localhost:0",  # a free port chosen by the OS
                "-m", "monai.bundle", "run", "--config_file", files, "--meta_file", str(configs / "metadata.json"),
                "--tracking", str(REPO / "mlflow_config" / "sqlite.json"), "--study_dir", str(study_dir),
-               "--datalist", str(datalist), "--epochs", str(EPOCHS), *extra]  # fmt: skip
+               "--datalist", str(datalist), "--epochs", str(EPOCHS),
+               "--keep_checkpoints", "true",  # so that the checkpoints rank 0 wrote can be counted after the run
+               *extra]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
 

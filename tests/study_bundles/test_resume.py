@@ -45,4 +45,5 @@ def test_killed_run_resumes_into_the_same_mlflow_run(tmp_path: Path) -> None:
     assert run.info.run_id == killed.info.run_id and run.info.status == "FINISHED"
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
     assert steps == list(range(1, EPOCHS + 1))
-    assert (models / f"checkpoint_epoch={EPOCHS}.pt").exists() and (models / "model.pt").exists()
+    # finished: the weights stay, the resumable training state is dropped (keep_checkpoints false)
+    assert sorted(p.name for p in models.iterdir()) == ["model.pt"]

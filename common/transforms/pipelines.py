@@ -42,6 +42,7 @@ from monai.transforms import (
     RandFlipd,
     Resized,
     SelectItemsd,
+    Transform,
 )
 from monai.utils.module import locate
 
@@ -85,6 +86,18 @@ class _MoveItemsd(MapTransform):
         for key, name in zip(self.keys, self.names, strict=True):
             d[name] = d.pop(key)
         return d
+
+
+class _PerCase(Transform):
+    """A random step that draws from ``(seed, case id)`` (``deterministic_per_case``, evaluation), wrapped so that it
+    is no ``RandomizableTrait``: its output is the same every epoch, so ``CacheDataset`` caches it with the
+    deterministic head instead of redoing it on every validation and test pass (``bench/preprocessing.py``)."""
+
+    def __init__(self, transform: Transform) -> None:
+        self.transform = transform
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        return self.transform(data)
 
 
 class _RequireKeysd(MapTransform):
@@ -270,7 +283,7 @@ def task_transforms(
 
     if train and flip_prob > 0:
         steps.append(RandFlipd(keys=[*flip_keys, *extras], prob=flip_prob, spatial_axis=0))
-    steps += random_steps
+    steps += random_steps if train else [_PerCase(t) for t in random_steps]
     steps.append(SelectItemsd(keys=["image", "label", "id", "padding", *records, *extras], allow_missing_keys=True))
     pipeline = Compose(steps)
     pipeline.set_random_state(seed=seed)

@@ -105,6 +105,24 @@ def test_cache_dataset_caches_the_deterministic_part(case_entries: list[dict]) -
     assert not torch.equal(first["image"], second["image"])  # a fresh field each time it is read
 
 
+@pytest.mark.parametrize("task", TASKS)
+def test_cache_dataset_caches_an_evaluation_pipeline_whole(task: str, case_entries: list[dict]) -> None:
+    """Evaluation draws its degradations per case, so the validation and test passes after the first read only the
+    cache: nothing random is left after it, and the cached items equal the pipeline's own output."""
+    pipeline = task_transforms(task, TINY, seed=4, train=False)
+    assert pipeline.get_index_of_first(lambda t: isinstance(t, Randomizable)) is None
+    dataset = CacheDataset(case_entries, pipeline, cache_rate=1.0, num_workers=0, progress=False)
+    for i, entry in enumerate(case_entries):
+        direct = task_transforms(task, TINY, seed=4, train=False)(entry)
+        cached = dataset[i]
+        assert cached.keys() == direct.keys()
+        for key, value in direct.items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(torch.as_tensor(cached[key]), torch.as_tensor(value)), (task, key)
+            else:
+                assert cached[key] == value, (task, key)
+
+
 def test_required_keys() -> None:
     assert required_keys("classification") == ("id", "t2w", "pirads")
     assert required_keys("segmentation") == ("id", "t2w", "adc", "dwi", "lesion")

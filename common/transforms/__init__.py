@@ -12,10 +12,13 @@ from common.transforms.channel import RandDiffusionChoiced
 from common.transforms.degradation import (
     RectalDistortion,
     RectalDistortiond,
+    RectalWeightd,
     SliceDecimate,
     SliceDecimated,
     anterior_posterior_axis,
     rectal_displacement,
+    rectal_weight,
+    warp_along_axis,
 )
 from common.transforms.intensity import NormalizeMRIntensity, NormalizeMRIntensityd, check_finite
 from common.transforms.label import NUM_CLASSES, PIRADS_TO_CLASS, PiradsToClass, PiradsToClassd
@@ -45,6 +48,7 @@ __all__ = [
     "RandDiffusionChoiced",
     "RectalDistortion",
     "RectalDistortiond",
+    "RectalWeightd",
     "SliceDecimate",
     "SliceDecimated",
     "anterior_posterior_axis",
@@ -52,6 +56,8 @@ __all__ = [
     "check_finite",
     "divisible_padding",
     "rectal_displacement",
+    "rectal_weight",
+    "warp_along_axis",
     "required_keys",
     "pretrain_transforms",
     "task_transforms",

@@ -34,7 +34,10 @@ __all__ = [
     "SliceDecimate",
     "SliceDecimated",
     "anterior_posterior_axis",
+    "RectalWeightd",
     "rectal_displacement",
+    "rectal_weight",
+    "warp_along_axis",
 ]
 
 _DECIMATION_MODES = ("average", "skip")
@@ -138,6 +141,41 @@ def anterior_posterior_axis(affine: np.ndarray | torch.Tensor | None) -> int:
     return int(np.argmax(cosines))
 
 
+def _rectal_weight64(rectum: np.ndarray | torch.Tensor, spacing: Sequence[float], decay_mm: float,
+                     smooth_mm: float) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """``(weight (H, W, D) float64 in [0, 1], spacing (3,))``, see :func:`rectal_weight`."""
+    mask = np.asarray(torch.as_tensor(rectum).detach().cpu().numpy()) > 0.5
+    if mask.ndim == 4:
+        if mask.shape[0] != 1:
+            raise ValueError(f"the rectal mask must have one channel, got shape {mask.shape}")
+        mask = mask[0]
+    if mask.ndim != 3:
+        raise ValueError(f"the rectal mask must be (1, H, W, D) or (H, W, D), got shape {mask.shape}")
+    if not mask.any():
+        raise ValueError("the rectal mask is empty, so there is nowhere to centre the distortion")
+    spacing = np.asarray([float(s) for s in spacing], dtype=np.float64)
+    if spacing.shape != (3,) or not (spacing > 0).all():
+        raise ValueError(f"spacing must be three positive values in mm, got {spacing.tolist()}")
+    distance = ndimage.distance_transform_edt(~mask, sampling=spacing)
+    weight = np.exp(-(distance**2) / (2.0 * decay_mm**2))
+    if smooth_mm > 0:
+        weight = ndimage.gaussian_filter(weight, sigma=smooth_mm / spacing, mode="nearest")
+    return weight, spacing
+
+
+def rectal_weight(
+    rectum: np.ndarray | torch.Tensor,
+    spacing: Sequence[float] = (1.0, 1.0, 1.0),
+    decay_mm: float = 10.0,
+    smooth_mm: float = 2.0,
+) -> torch.Tensor:
+    """The shape of the rectal field, without its amplitude: ``(1, H, W, D)`` or ``(H, W, D)`` mask ->
+    ``(H, W, D)`` float32 ``G_s * exp(-d(x)^2 / (2 decay_mm^2))`` in [0, 1] (see :func:`rectal_displacement`).
+    It is the same every epoch for a case (only the amplitude is drawn), so the training pipeline computes it once
+    and caches it (:class:`RectalWeightd`)."""
+    return torch.from_numpy(_rectal_weight64(rectum, spacing, decay_mm, smooth_mm)[0].astype(np.float32))
+
+
 def rectal_displacement(
     rectum: np.ndarray | torch.Tensor,
     amplitude_mm: float,
@@ -154,27 +192,34 @@ def rectal_displacement(
     rectum (0 inside), ``G_s`` a Gaussian smoothing of ``smooth_mm`` mm; ``u`` is divided by the voxel spacing
     along ``axis`` to give voxels.
     """
-    mask = np.asarray(torch.as_tensor(rectum).detach().cpu().numpy()) > 0.5
-    if mask.ndim == 4:
-        if mask.shape[0] != 1:
-            raise ValueError(f"the rectal mask must have one channel, got shape {mask.shape}")
-        mask = mask[0]
-    if mask.ndim != 3:
-        raise ValueError(f"the rectal mask must be (1, H, W, D) or (H, W, D), got shape {mask.shape}")
-    if not mask.any():
-        raise ValueError("the rectal mask is empty, so there is nowhere to centre the distortion")
     if axis not in (0, 1, 2):
         raise ValueError(f"axis must be 0, 1 or 2, got {axis}")
-    spacing = np.asarray([float(s) for s in spacing], dtype=np.float64)
-    if spacing.shape != (3,) or not (spacing > 0).all():
-        raise ValueError(f"spacing must be three positive values in mm, got {spacing.tolist()}")
-    distance = ndimage.distance_transform_edt(~mask, sampling=spacing)
-    weight = np.exp(-(distance**2) / (2.0 * decay_mm**2))
-    if smooth_mm > 0:
-        weight = ndimage.gaussian_filter(weight, sigma=smooth_mm / spacing, mode="nearest")
-    field = np.zeros((3, *mask.shape), dtype=np.float32)
+    weight, spacing = _rectal_weight64(rectum, spacing, decay_mm, smooth_mm)
+    field = np.zeros((3, *weight.shape), dtype=np.float32)
     field[axis] = amplitude_mm * weight / spacing[axis]
     return torch.from_numpy(field)
+
+
+def warp_along_axis(img: torch.Tensor, shift: torch.Tensor, axis: int) -> torch.Tensor:
+    """Warp along one voxel axis: ``(C, H, W, D)`` image, ``(H, W, D)`` shift in voxels -> ``(C, H, W, D)`` with
+    ``out[c, x] = img[c, x + shift(x) e_axis]``, linear interpolation along ``axis``, border padding. The same as MONAI
+    ``Warp`` (bilinear, border) of the field that is ``shift`` on ``axis`` and 0 elsewhere (to 2e-5: that one
+    normalises coordinates to [-1, 1] and back), at a third to a quarter of its time: a gather along one axis instead
+    of trilinear sampling."""
+    if img.ndim != 4 or tuple(shift.shape) != tuple(img.shape[1:]) or axis not in (0, 1, 2):
+        raise ValueError(f"need a (C, H, W, D) image, an (H, W, D) shift and axis 0-2, got {tuple(img.shape)}, "
+                         f"{tuple(shift.shape)}, {axis}")  # fmt: skip
+    n = img.shape[axis + 1]
+    view = [1, 1, 1]
+    view[axis] = n
+    position = (torch.arange(n, dtype=torch.float32, device=img.device).reshape(view) + shift.float()).clamp_(0, n - 1)
+    low = position.floor().clamp_(max=max(n - 2, 0))
+    frac = (position - low)[None]
+    index = low.long()[None].expand(img.shape)
+    x = img.float()
+    below = torch.gather(x, axis + 1, index)
+    above = torch.gather(x, axis + 1, (index + 1).clamp_(max=n - 1))
+    return (below + frac * (above - below)).to(img.dtype)
 
 
 class RectalDistortion(Transform):
@@ -216,10 +261,30 @@ class RectalDistortion(Transform):
                 f"image (C, H, W, D) and rectal mask must share a grid, got {tuple(img.shape)} and "
                 f"{tuple(rectum.shape)}"
             )
+        spacing, axis = self.spacing_and_axis(img)
+        return rectal_displacement(rectum, amplitude_mm, spacing, self.decay_mm, self.smooth_mm, axis)
+
+    def spacing_and_axis(self, img: torch.Tensor) -> tuple[tuple[float, float, float], int]:
+        """The voxel spacing (mm) and displacement axis of ``img`` (from its affine; unit spacing without one)."""
         affine = img.affine if isinstance(img, MetaTensor) else None
         spacing = (1.0, 1.0, 1.0) if affine is None else tuple(float(s) for s in affine_to_spacing(affine, r=3))
-        axis = anterior_posterior_axis(affine) if self.axis is None else self.axis
-        return rectal_displacement(rectum, amplitude_mm, spacing, self.decay_mm, self.smooth_mm, axis)
+        return spacing, anterior_posterior_axis(affine) if self.axis is None else self.axis
+
+    def warp_weighted(self, img: torch.Tensor, weight: torch.Tensor, amplitude_mm: float) -> torch.Tensor:
+        """Warp ``img`` ``(C, H, W, D)`` by ``amplitude_mm`` times a cached :func:`rectal_weight`
+        ``([1,] H, W, D)``: the field of :meth:`field` without recomputing its shape; the one-axis warp with border
+        padding."""
+        spacing, axis = self.spacing_and_axis(img)
+        weight = torch.as_tensor(weight)
+        weight = weight[0] if weight.ndim == 4 else weight
+        shift = amplitude_mm * weight.to(torch.float32) / float(spacing[axis])
+        if self.padding_mode != "border":
+            ddf = torch.zeros((3, *shift.shape), dtype=torch.float32)
+            ddf[axis] = shift
+            return self.warp(img, ddf)
+        x = img.as_tensor() if isinstance(img, MetaTensor) else torch.as_tensor(img)
+        warped = warp_along_axis(x, shift.to(x.device), axis)
+        return MetaTensor(warped, meta=dict(img.meta)) if isinstance(img, MetaTensor) else warped
 
     def warp(self, img: torch.Tensor, ddf: torch.Tensor) -> torch.Tensor:
         """``(C, H, W, D)`` image, ``(3, H, W, D)`` voxel field -> ``(C, H, W, D)`` warped image."""
@@ -252,6 +317,9 @@ class RectalDistortiond(Randomizable, MapTransform):
         deterministic_per_case: draw from ``(seed, case id)`` (evaluation; default False draws from the
             transform's own generator, training augmentation).
         id_key: the case id (default ``"id"``).
+        weight_key: where a cached :func:`rectal_weight` of the sample may be (:class:`RectalWeightd`); with it,
+            each call only scales it and warps along one axis (border padding). ``None`` (default) computes the
+            field every call.
         allow_missing_keys: skip keys absent from the sample.
     """
 
@@ -270,9 +338,11 @@ class RectalDistortiond(Randomizable, MapTransform):
         seed: int = 0,
         deterministic_per_case: bool = False,
         id_key: str = "id",
+        weight_key: str | None = None,
         allow_missing_keys: bool = False,
     ) -> None:
         MapTransform.__init__(self, keys, allow_missing_keys)
+        self.weight_key = weight_key
         if len(amplitude_range) != 2 or not 0 <= float(amplitude_range[0]) <= float(amplitude_range[1]):
             raise ValueError(f"amplitude_range must be (min, max) mm with 0 <= min <= max, got {amplitude_range!r}")
         self.distortion = RectalDistortion(decay_mm, smooth_mm, axis, padding_mode)
@@ -312,6 +382,15 @@ class RectalDistortiond(Randomizable, MapTransform):
                 f"RectalDistortiond needs a rectal mask under {self.rectum_key!r}; the sample has {sorted(d)}"
             )
         self.randomize(d)
+        if self.weight_key is not None and self.weight_key in d and self.field_key is None:
+            weight = d[self.weight_key]
+            for i, key in enumerate(self.keys):
+                if key not in d:
+                    continue
+                if self.target_keys is not None:
+                    d[self.target_keys[i]] = d[key]
+                d[key] = self.distortion.warp_weighted(d[key], weight, self.amplitude_mm)
+            return d
         try:
             ddf = self.distortion.field(d[keys[0]], d[self.rectum_key], self.amplitude_mm)
         except ValueError as err:
@@ -324,4 +403,45 @@ class RectalDistortiond(Randomizable, MapTransform):
             d[key] = self.distortion.warp(d[key], ddf)
         if self.field_key is not None:
             d[self.field_key] = ddf
+        return d
+
+
+class RectalWeightd(MapTransform):
+    """The deterministic half of :class:`RectalDistortiond`: ``data[weight_key]`` = :func:`rectal_weight` of
+    ``data[rectum_key]`` ``(1, H, W, D)`` -> ``(1, H, W, D)`` float32, with the voxel spacing of the mask's affine
+    (flip it with the volumes when the pipeline flips them).
+
+    Placed before the random steps, ``CacheDataset`` keeps it, and each epoch's distortion only scales it by the
+    drawn amplitude (at the paper size the weight is 690 ms a case, the one-axis warp about 100 ms). It costs one
+    float32 volume of memory per cached case.
+
+    Args:
+        rectum_key: the rectal mask (default ``"rectum"``).
+        weight_key: where to store the weight (default ``"rectal_weight"``).
+        decay_mm, smooth_mm: as :class:`RectalDistortion` (must equal the distortion's).
+        id_key: the case id, named in errors (default ``"id"``).
+    """
+
+    def __init__(
+        self,
+        rectum_key: str = "rectum",
+        weight_key: str = "rectal_weight",
+        decay_mm: float = 10.0,
+        smooth_mm: float = 2.0,
+        id_key: str = "id",
+    ) -> None:
+        super().__init__(rectum_key)
+        self.geometry = RectalDistortion(decay_mm, smooth_mm)
+        self.rectum_key, self.weight_key, self.id_key = rectum_key, weight_key, id_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        if self.rectum_key not in d:
+            raise ValueError(f"RectalWeightd needs a rectal mask under {self.rectum_key!r}; the sample has {sorted(d)}")
+        spacing, _ = self.geometry.spacing_and_axis(d[self.rectum_key])
+        try:
+            weight = rectal_weight(d[self.rectum_key], spacing, self.geometry.decay_mm, self.geometry.smooth_mm)
+        except ValueError as err:
+            raise ValueError(f"{describe_case(d, self.rectum_key, self.id_key)}: {err}") from err
+        d[self.weight_key] = weight[None]  # channel-first like the volumes, so that a flip of them flips it too
         return d

@@ -49,7 +49,7 @@ from monai.utils.module import locate
 from common.profiles import Profile, get_profile
 from common.tasks import get_task, task_ids
 from common.transforms.channel import RandDiffusionChoiced
-from common.transforms.degradation import RectalDistortiond, SliceDecimated
+from common.transforms.degradation import RectalDistortiond, RectalWeightd, SliceDecimated
 from common.transforms.intensity import NormalizeMRIntensityd
 from common.transforms.label import PiradsToClassd
 from common.transforms.spatial import AlignToReferenced, PadToDivisibled
@@ -236,8 +236,10 @@ def distortion_correction_steps(seed: int, deterministic: bool) -> TaskSteps:
     back by the mean amplitude (5.5 mm), knowing nothing of the case, raises SSIM from 0.928 to 0.982 (8 demo test
     cases): the correction can be learnt."""
     distort = RectalDistortiond(keys="image", rectum_key="rectum", target_keys="label", seed=seed, random_sign=False,
-                                deterministic_per_case=deterministic)  # fmt: skip
-    return TaskSteps([_MoveItemsd(["t2w"], ["image"])], ("image", "rectum"), [distort])
+                                deterministic_per_case=deterministic, weight_key="rectal_weight")  # fmt: skip
+    # the field's shape is the same every epoch: computed once (cached), only its amplitude is drawn per epoch
+    weight = RectalWeightd(rectum_key="rectum", weight_key="rectal_weight")
+    return TaskSteps([_MoveItemsd(["t2w"], ["image"]), weight], ("image", "rectum", "rectal_weight"), [distort])
 
 
 def modality_translation_steps(seed: int, deterministic: bool) -> TaskSteps:

@@ -188,3 +188,57 @@ def test_distortion_errors_name_the_problem() -> None:
         _distort()(no_id)
     with pytest.raises(ValueError, match="amplitude_range"):
         RectalDistortiond(amplitude_range=(5.0, 1.0))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the cached field shape and the one-axis warp (bench/preprocessing.py: 975 ms a case at the paper size before)
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_one_axis_warp_equals_monai_warp_of_the_same_field(axis: int) -> None:
+    from common.transforms.degradation import warp_along_axis
+
+    gen = torch.Generator().manual_seed(axis)
+    image = torch.rand((2, 9, 11, 7), generator=gen)
+    shift = 6.0 * torch.rand((9, 11, 7), generator=gen) - 3.0  # beyond the borders too
+    ddf = torch.zeros((3, 9, 11, 7))
+    ddf[axis] = shift
+    reference = RectalDistortion().warp(image, ddf)  # MONAI Warp, bilinear, border
+    np.testing.assert_allclose(warp_along_axis(image, shift, axis).numpy(), reference.numpy(), atol=5e-5)
+
+
+def test_a_cached_weight_gives_the_distortion_of_the_full_field() -> None:
+    from common.transforms.degradation import RectalWeightd
+
+    for case in ("case_0001", "case_0002"):
+
+        def distort(**kwargs) -> RectalDistortiond:
+            return RectalDistortiond(keys="t2w", target_keys="label", seed=3, deterministic_per_case=True,
+                                     decay_mm=5.0, **kwargs)  # fmt: skip
+
+        full = distort()(_sample(case))
+        sample = RectalWeightd(rectum_key="rectum", weight_key="w", decay_mm=5.0)(_sample(case))
+        assert tuple(sample["w"].shape) == (1, *sample["rectum"].shape[1:])
+        cached = distort(weight_key="w")(sample)
+        np.testing.assert_array_equal(cached["label"].numpy(), full["label"].numpy())
+        np.testing.assert_allclose(cached["t2w"].numpy(), full["t2w"].numpy(), atol=5e-5)
+        assert not np.allclose(cached["t2w"].numpy(), cached["label"].numpy(), atol=1e-3)  # it did distort
+
+
+def test_the_training_pipeline_flips_the_cached_weight_with_the_volumes(tmp_path) -> None:
+    """Same seed, same draws (flips and amplitudes) with the cached weight and with the field computed from the
+    flipped mask every call: the same distorted images, epoch after epoch."""
+    from common.data.datalist import load_datalist
+    from common.data.phantom import make_cohort
+    from common.transforms import task_transforms
+
+    entries = load_datalist(make_cohort(tmp_path, cases=3, seed=0, size=(16, 32, 32)), ("t2w", "rectum"))["training"]
+    cached = task_transforms("distortion_correction", "smoke", seed=5, train=True)
+    computed = task_transforms("distortion_correction", "smoke", seed=5, train=True)
+    next(t for t in computed.transforms if isinstance(t, RectalDistortiond)).weight_key = None
+    for _ in range(4):
+        for entry in entries:
+            a, b = cached(dict(entry)), computed(dict(entry))
+            np.testing.assert_array_equal(a["label"].numpy(), b["label"].numpy())
+            np.testing.assert_allclose(a["image"].numpy(), b["image"].numpy(), atol=5e-5)
+    assert "rectal_weight" not in a  # the weight stays inside the pipeline

@@ -4,7 +4,7 @@ artifacts; then the train-step benchmark; one JSON of results under ``bench/resu
 
 On a machine with a CUDA GPU, from the repository root::
 
-    python bench/gpu_check.py          # about 5-8 minutes on one H100 / H200
+    python bench/gpu_check.py          # meant to fit in 8 minutes on one H100 / H200; not yet run on a GPU
 
 ``--dry_run`` runs nothing heavy: it prints every command the check would run (the study runner's own dry run) and
 times the train-step benchmark at its ``--small`` shapes, so the script is tested on a CPU. ``--allow_cpu`` runs the

@@ -78,6 +78,31 @@ def test_budget_and_evaluation_only_mode() -> None:
         evaluation.features(x, compute)
         evaluation.features(x, compute)
     assert (len(evaluation), evaluation.hits, calls) == (1, 1, [2, 1, 1])  # the budget test's call, then two
-    assert FeatureCache.key(x) != FeatureCache.key(x.double()) and FeatureCache.key(x) == FeatureCache.key(x.clone())
+    cache = FeatureCache()
+    assert cache.fingerprint(x) != cache.fingerprint(x.double()) and cache.fingerprint(x) == cache.fingerprint(
+        x.clone()
+    )
     with pytest.raises(ValueError, match="mode"):
         FeatureCache(mode="sometimes")
+
+
+def test_a_volume_that_shares_a_fingerprint_is_not_served_the_others_features() -> None:
+    """A hit is an exact comparison, not only a fingerprint: a forged collision (same fingerprint, other content)
+    gets its own computation; one changed voxel is another volume; the input copy counts in the budget."""
+
+    def compute(x: torch.Tensor) -> list[torch.Tensor]:
+        return [x * 3]
+
+    cache = FeatureCache()
+    a = torch.randn(1, 2, 3, 4, 5)
+    cache.features(a, compute)
+    assert cache.nbytes == 2 * a.numel() * a.element_size()  # the maps and the stored input
+    b = a.clone()
+    b[0, 0, 0, 0, 0] += 1.0
+    assert cache.fingerprint(b[0]) != cache.fingerprint(a[0])
+    torch.testing.assert_close(cache.features(b, compute)[0], b * 3)
+    assert (cache.hits, cache.misses) == (0, 2)
+    forged = b.clone()
+    cache.entries[cache.fingerprint(forged[0])][0] = (a[0].clone(), [a * 3])  # pretend b's fingerprint held a
+    cache.entries[cache.fingerprint(forged[0])].append((b[0].clone(), [b * 3]))
+    torch.testing.assert_close(cache.features(forged, compute)[0], b * 3)  # the exact match, not the first

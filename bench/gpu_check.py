@@ -28,16 +28,18 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere
 
-from common.contract import FEATURES_DIR, PREDICTIONS_ARTIFACT  # noqa: E402
+from common.analysis.runs import required_artifacts  # noqa: E402
+from common.contract import PREDICTIONS_ARTIFACT  # noqa: E402
 
-#: artifacts every FINISHED run of a regime must hold (tools/docs/README.md, "required artifacts")
-REQUIRED = {
-    "pretrain": ("model/model.pt",),
-    "finetune": ("model/model.pt", PREDICTIONS_ARTIFACT, f"{FEATURES_DIR}/final.npz"),
-    "random": ("model/model.pt", PREDICTIONS_ARTIFACT, f"{FEATURES_DIR}/final.npz"),
-    "scratch": ("model/model.pt", PREDICTIONS_ARTIFACT, f"{FEATURES_DIR}/final.npz"),
-    "specialised": ("model/model.pt", PREDICTIONS_ARTIFACT, f"{FEATURES_DIR}/final.npz"),
-}
+
+def required(regime: str) -> tuple[str, ...]:
+    """Artifacts a FINISHED run of ``regime`` must hold here: its weights; for the downstream regimes also its test
+    predictions and what the analysis needs (``common.analysis.runs.required_artifacts``)."""
+    if regime == "pretrain":
+        return ("model/model.pt",)
+    if regime in ("finetune", "random", "scratch", "specialised"):
+        return ("model/model.pt", PREDICTIONS_ARTIFACT, *required_artifacts(regime))
+    return ()
 
 
 def study_command(study_dir: Path, profile: str, only: list[str], dry_run: bool) -> list[str]:
@@ -67,7 +69,7 @@ def check_runs(uri: str, experiment: str) -> list[dict]:
         regime = tags.get("regime", "")
         losses = [m.value for m in client.get_metric_history(run.info.run_id, "train_loss")]
         listed = _artifact_paths(client, run.info.run_id)
-        missing = [p for p in REQUIRED.get(regime, ()) if p not in listed]
+        missing = [p for p in required(regime) if p not in listed]
         finite = bool(losses) and all(math.isfinite(v) for v in losses)
         row = {
             "run": run.info.run_name,

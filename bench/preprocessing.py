@@ -41,11 +41,9 @@ def split_like_cache_dataset(pipeline) -> tuple[list, list]:
     first transform that is random (``RandomizableTrait``) or not a MONAI ``Transform``."""
     from monai.transforms import RandomizableTrait, Transform
 
+    first = pipeline.get_index_of_first(lambda t: isinstance(t, RandomizableTrait) or not isinstance(t, Transform))
     transforms = list(pipeline.transforms)
-    for i, t in enumerate(transforms):
-        if isinstance(t, RandomizableTrait) or not isinstance(t, Transform):
-            return transforms[:i], transforms[i:]
-    return transforms, []
+    return (transforms, []) if first is None else (transforms[:first], transforms[first:])
 
 
 def _apply(transforms: list, item: dict) -> dict:

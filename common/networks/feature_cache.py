@@ -87,7 +87,7 @@ class FeatureCache:
         self.misses += len(stored)
         maps = compute(x)
         for b, (f, v) in enumerate(zip(fingerprints, x, strict=True)):
-            if self._lookup(f, v) is not None:
+            if stored[b] is not None or self._lookup(f, v) is not None:  # kept already (or earlier in this batch)
                 continue
             entry = [m[b : b + 1].detach().clone() for m in maps]
             original = v.detach().clone()

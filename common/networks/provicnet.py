@@ -274,17 +274,17 @@ class _ProViCNetVolume(ProViCNetBase):
 
     def __init__(
         self,
-        n_modalities: int,
-        n_slices: int,
-        slice_size: int | None,
-        backbone_size: str,
-        patch_size: int,
-        num_register_tokens: int,
-        backbone_img_size: int,
-        drop_path_rate: float,
-        edge_mode: str,
-        slice_batch_size: int | None,
-        backbone: DinoVisionTransformer | None,
+        n_modalities: int = 1,
+        n_slices: int = 3,
+        slice_size: int | None = 448,
+        backbone_size: str = "small",
+        patch_size: int = 14,
+        num_register_tokens: int = 4,
+        backbone_img_size: int = 518,
+        drop_path_rate: float = 0.0,
+        edge_mode: str = "shift",
+        slice_batch_size: int | None = None,
+        backbone: DinoVisionTransformer | None = None,
     ) -> None:
         check_int(n_modalities, "n_modalities")
         neighbour_slice_indices(1, n_slices, edge_mode)  # validates n_slices and edge_mode
@@ -533,36 +533,9 @@ class ProViCNetEncoder(_ProViCNetVolume):
     volume-level ProViCNet model, without a head. Its state dict (``backbone.*``, ``axis_pos.*``, ``axis_max.*``)
     is the encoder checkpoint the ProViCNet pretraining bundle writes; the bundle's ``network_def``.
 
-    Args: as :class:`ProViCNetClassifier`, less the head's (``num_classes``, ``hidden_dim``, ``dropout``).
+    Args: as :class:`ProViCNetClassifier`, less the head's (``num_classes``, ``hidden_dim``, ``dropout``), with the
+    same defaults (those of the shared volume plumbing).
     """
-
-    def __init__(
-        self,
-        n_modalities: int = 1,
-        n_slices: int = 3,
-        slice_size: int | None = 448,
-        backbone_size: str = "small",
-        patch_size: int = 14,
-        num_register_tokens: int = 4,
-        backbone_img_size: int = 518,
-        drop_path_rate: float = 0.0,
-        edge_mode: str = "shift",
-        slice_batch_size: int | None = None,
-        backbone: DinoVisionTransformer | None = None,
-    ) -> None:
-        super().__init__(
-            n_modalities,
-            n_slices,
-            slice_size,
-            backbone_size,
-            patch_size,
-            num_register_tokens,
-            backbone_img_size,
-            drop_path_rate,
-            edge_mode,
-            slice_batch_size,
-            backbone,
-        )
 
     def _forward_all(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         cls, _ = self._encode(x, need_grid=False)

@@ -163,6 +163,13 @@ def _rectal_weight64(rectum: np.ndarray | torch.Tensor, spacing: Sequence[float]
     return weight, spacing
 
 
+def voxel_spacing(img: torch.Tensor) -> tuple[float, float, float]:
+    """The voxel spacing in mm of a MetaTensor's affine; ``(1, 1, 1)`` for a plain tensor."""
+    if not isinstance(img, MetaTensor):
+        return (1.0, 1.0, 1.0)
+    return tuple(float(s) for s in affine_to_spacing(img.affine, r=3))
+
+
 def rectal_weight(
     rectum: np.ndarray | torch.Tensor,
     spacing: Sequence[float] = (1.0, 1.0, 1.0),
@@ -267,8 +274,7 @@ class RectalDistortion(Transform):
     def spacing_and_axis(self, img: torch.Tensor) -> tuple[tuple[float, float, float], int]:
         """The voxel spacing (mm) and displacement axis of ``img`` (from its affine; unit spacing without one)."""
         affine = img.affine if isinstance(img, MetaTensor) else None
-        spacing = (1.0, 1.0, 1.0) if affine is None else tuple(float(s) for s in affine_to_spacing(affine, r=3))
-        return spacing, anterior_posterior_axis(affine) if self.axis is None else self.axis
+        return voxel_spacing(img), anterior_posterior_axis(affine) if self.axis is None else self.axis
 
     def warp_weighted(self, img: torch.Tensor, weight: torch.Tensor, amplitude_mm: float) -> torch.Tensor:
         """Warp ``img`` ``(C, H, W, D)`` by ``amplitude_mm`` times a cached :func:`rectal_weight`
@@ -431,16 +437,16 @@ class RectalWeightd(MapTransform):
         id_key: str = "id",
     ) -> None:
         super().__init__(rectum_key)
-        self.geometry = RectalDistortion(decay_mm, smooth_mm)
+        RectalDistortion(decay_mm, smooth_mm)  # validates both as the distortion does
+        self.decay_mm, self.smooth_mm = float(decay_mm), float(smooth_mm)
         self.rectum_key, self.weight_key, self.id_key = rectum_key, weight_key, id_key
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         if self.rectum_key not in d:
             raise ValueError(f"RectalWeightd needs a rectal mask under {self.rectum_key!r}; the sample has {sorted(d)}")
-        spacing, _ = self.geometry.spacing_and_axis(d[self.rectum_key])
         try:
-            weight = rectal_weight(d[self.rectum_key], spacing, self.geometry.decay_mm, self.geometry.smooth_mm)
+            weight = rectal_weight(d[self.rectum_key], voxel_spacing(d[self.rectum_key]), self.decay_mm, self.smooth_mm)
         except ValueError as err:
             raise ValueError(f"{describe_case(d, self.rectum_key, self.id_key)}: {err}") from err
         d[self.weight_key] = weight[None]  # channel-first like the volumes, so that a flip of them flips it too

@@ -35,20 +35,15 @@ def experiment_id(uri: str, experiment: str) -> str | None:
 
 def finished_runs(uri: str, experiment: str) -> list:
     """Every FINISHED MLflow run of ``experiment`` (none when the store or the experiment does not exist yet)."""
-    from common.bundle import sqlite_path
-
-    db = sqlite_path(uri)
-    if db is not None and not db.is_file():
+    found = experiment_id(uri, experiment)
+    if found is None:
         return []
     from mlflow import MlflowClient
 
     client = MlflowClient(uri)
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        return []
     runs, token = [], None
     while True:
-        page = client.search_runs([found.experiment_id], "attributes.status = 'FINISHED'", max_results=1000,
+        page = client.search_runs([found], "attributes.status = 'FINISHED'", max_results=1000,
                                   page_token=token)  # fmt: skip
         runs.extend(page)
         token = page.token

@@ -75,3 +75,33 @@ def test_constant_volume_maps_to_zeros() -> None:
 def test_bad_arguments(kwargs: dict) -> None:
     with pytest.raises(ValueError):
         NormalizeMRIntensity(**kwargs)
+
+
+def _gland_with_lesion() -> torch.Tensor:
+    # a high-b image: 10000 body voxels at 100, a "gland" of 200 voxels at 300, a "lesion" of 5 voxels at 600 and
+    # 5000 voxels of air (0, outside the body)
+    values = np.zeros(15205, np.float32)
+    values[:10000] = 100.0
+    values[10000:10200] = 300.0
+    values[10200:10205] = 600.0
+    return torch.as_tensor(values).reshape(1, 1, 1, -1)
+
+
+def test_dwi_keeps_its_lesion_above_the_gland() -> None:
+    img = _gland_with_lesion()
+    out = NormalizeMRIntensityd(keys=["dwi", "t2w"])({"dwi": img, "t2w": img.clone()})
+    dwi, t2w = out["dwi"][0, 0, 0].numpy(), out["t2w"][0, 0, 0].numpy()
+    # 99.99 % of 10205 sorted values sits among the 5 lesion voxels: the gland stays below it, the lesion brighter
+    high = np.percentile(img.numpy().ravel()[:10205], 99.99)
+    np.testing.assert_allclose(dwi[10000], (300.0 - 100.0) / (high - 100.0), rtol=1e-6)
+    assert dwi[10000] < 0.5 < dwi[10200]
+    # the 99.5 % percentile of T2W lies inside the gland: gland and lesion are both clipped to 1
+    assert t2w[10000] == t2w[10200] == 1.0
+
+
+def test_upper_percentile_per_key_or_for_all() -> None:
+    img = _gland_with_lesion()
+    same = NormalizeMRIntensityd(keys=["dwi"], upper=99.5)({"dwi": img})["dwi"][0, 0, 0].numpy()
+    assert same[10000] == same[10200] == 1.0
+    mapped = NormalizeMRIntensityd(keys=["t2w"], upper={"t2w": 99.99})({"t2w": img})["t2w"][0, 0, 0].numpy()
+    assert mapped[10000] < 0.5

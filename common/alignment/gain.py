@@ -12,8 +12,9 @@ import numbers
 
 __all__ = ["NEAR_ZERO_REFERENCE", "compute_rpg"]
 
-#: the smallest reference P the study divides by: below it a relative gain is a ratio of noise (+2000 % and more)
-NEAR_ZERO_REFERENCE = 1e-3
+#: the smallest reference P the study divides by, 1 % of the [0, 1] range of every metric of the study: below it a
+#: relative gain is a ratio of noise (the smoke studies printed +2018 % over a Dice of 0.0008 and +367 % over 0.0066)
+NEAR_ZERO_REFERENCE = 1e-2
 
 
 def compute_rpg(p_ft: float, p_ref: float, min_reference: float = 0.0, higher_is_better: bool = True) -> float:

@@ -200,6 +200,8 @@ def test_per_image_performance_skips_images_the_metric_does_not_count() -> None:
     ("p_ft", "p_ref", "higher", "expected", "reason"),
     [
         (0.017, 0.0008, True, math.nan, "at or near zero"),  # the smoke study's +2000 %
+        (0.0309, 0.0066, True, math.nan, "at or near zero"),  # a later smoke study's +367 %
+        (0.0309, 0.01, True, 209.0, ""),  # 1 % of the metric's range is divided by
         (0.5, 0.0, True, math.nan, "at or near zero"),
         (0.3, 0.4, False, 25.0, ""),
         (0.5, math.nan, True, math.nan, "P(reference) is missing"),

@@ -463,7 +463,8 @@ class StudyAnalysis:
             why[f"epochs_to_95_{regime}"] = (
                 f"a {regime} run logged no val_metric curve, or it never reached {self.fraction:g} of its final value"
             )
-        why["ratio"] = "GPU-hours of finetune or scratch missing, or scratch 0"
+        why["ratio"] = "GPU-hours of finetune or scratch missing, or scratch 0 (a CPU run logs 0: see wall_ratio)"
+        why["wall_ratio"] = "wall seconds of finetune or scratch missing, or scratch 0"
         row["_why"] = why
         return row
 

@@ -42,7 +42,7 @@ _CORRELATION = ("fm", "layer", "distance", "reference", "pearson_r", "pearson_p"
 _SENSITIVITY = ("fm", "layer", "kinds", "distance", "reference", "pearson_r", "pearson_p", "spearman_rho", "n_tasks",
                 "warning")  # fmt: skip
 _COST = ("fm", "task", "gpu_hours_finetune", "gpu_hours_scratch", "ratio", "wall_seconds_finetune",
-         "wall_seconds_scratch", "epochs_to_95_finetune", "epochs_to_95_scratch")  # fmt: skip
+         "wall_seconds_scratch", "wall_ratio", "epochs_to_95_finetune", "epochs_to_95_scratch")  # fmt: skip
 _SELECTED = ("run_id", "run_name", "model", "task", "regime", "seed", "test_metric", "baseline_metric",
              "baseline_name", "beats_baseline", "profile", "bundle_version", "git_commit")  # fmt: skip
 _SECONDARY = ("model", "task", "regime", "seed", "test_auc", "test_dice_all", "test_fp_volume_ml")
@@ -81,6 +81,7 @@ _GLOSSARY = (
     ("n_tasks, n_seeds", "tasks in a correlation; seeds averaged in a row"),
     ("warning", "why a correlation should not be trusted: too few tasks, mixed layer kinds, a distance that is 0"),
     ("ratio", "GPU-hours finetune / scratch (paper Table 1)"),
+    ("wall_ratio", "wall seconds finetune / scratch (on CPU, where the runs log 0 GPU-hours)"),
     ("epochs_to_95_*", "first epoch whose validation metric reaches 95 % of its final value (paper Fig. 3)"),
 )
 _DEFAULT_WHY = {
@@ -220,13 +221,23 @@ def _sensitivity_sentence(rows: Sequence[Mapping[str, object]]) -> str:
 
 
 def _cost_sentence(rows: Sequence[Mapping[str, object]]) -> str:
-    ratios = [_num(r["ratio"]) for r in rows if math.isfinite(_num(r["ratio"]))]
-    if not ratios:
-        return "No FM and task has GPU-hours of both finetune and scratch."
-    cheaper = sum(x < 1 for x in ratios)
-    median = statistics.median(ratios)
-    pairs = _count(len(ratios), "FM-task pair")
-    return f"Finetune needs fewer GPU-hours than scratch on {cheaper} of {pairs} (median ratio {median:.3g})."
+    def finite(column: str) -> list[float]:
+        return [x for x in (_num(r.get(column)) for r in rows) if math.isfinite(x)]
+
+    def share(ratios: list[float], what: str) -> str:
+        pairs = _count(len(ratios), "FM-task pair")
+        median = statistics.median(ratios)
+        return (
+            f"finetune needs {what} than scratch on {sum(x < 1 for x in ratios)} of {pairs} (median ratio {median:.3g})"
+        )
+
+    if gpu := finite("ratio"):
+        sentence = share(gpu, "fewer GPU-hours")
+        return sentence[0].upper() + sentence[1:] + "."
+    if wall := finite("wall_ratio"):
+        lead = "No FM and task has GPU-hours of both finetune and scratch (a CPU study); on wall time,"
+        return f"{lead} {share(wall, 'less time')}."
+    return "No FM and task has GPU-hours or wall seconds of both finetune and scratch."
 
 
 def _layer_sentence(result: Any, option: object) -> str:

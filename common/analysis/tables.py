@@ -89,6 +89,7 @@ EXTRA_CORRELATION_COLUMNS: tuple[str, ...] = (
 )  # fmt: skip
 COST_COLUMNS: tuple[str, ...] = (
     "fm", "task", "gpu_hours_finetune", "gpu_hours_scratch", "ratio", "wall_seconds_finetune", "wall_seconds_scratch",
+    "wall_ratio",
     "epochs_to_95_finetune", "epochs_to_95_scratch",
 )  # fmt: skip
 
@@ -529,7 +530,7 @@ def cost_row(
 ) -> dict[str, object]:
     """One ``cost.csv`` row (paper Table 1): seed means of GPU-hours, wall seconds and epochs to 95 % of the final
     validation value for finetune and scratch; ``ratio`` = GPU-hours finetune / scratch (NaN if scratch is 0 or
-    missing)."""
+    missing); ``wall_ratio`` the same for wall seconds (what a CPU study has: its runs log 0 GPU-hours)."""
 
     def mean(values: list[float]) -> float:
         return float(np.mean(values)) if values and all(math.isfinite(v) for v in values) else math.nan
@@ -539,9 +540,13 @@ def cost_row(
         row[f"gpu_hours_{regime}"] = mean([r.gpu_hours for r in runs])
         row[f"wall_seconds_{regime}"] = mean([r.wall_seconds for r in runs])
         row[f"epochs_to_95_{regime}"] = mean([r.epochs_to(fraction) for r in runs])
-    ft, sc = float(row["gpu_hours_finetune"]), float(row["gpu_hours_scratch"])  # type: ignore[arg-type]
-    row["ratio"] = ft / sc if math.isfinite(ft) and math.isfinite(sc) and sc > 0 else math.nan
+    row["ratio"] = _ratio(float(row["gpu_hours_finetune"]), float(row["gpu_hours_scratch"]))  # type: ignore[arg-type]
+    row["wall_ratio"] = _ratio(float(row["wall_seconds_finetune"]), float(row["wall_seconds_scratch"]))  # type: ignore[arg-type]
     return row
+
+
+def _ratio(finetune: float, scratch: float) -> float:
+    return finetune / scratch if math.isfinite(finetune) and math.isfinite(scratch) and scratch > 0 else math.nan
 
 
 def _format(value: object) -> str:

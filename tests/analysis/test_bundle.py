@@ -39,7 +39,7 @@ ALIGNMENT_HEAD = ["fm", "task", "metric_name", "p_finetune", "p_random", "p_spec
                   "d2s", "rpg_random", "rpg_specialised", "rpg_scratch"]  # fmt: skip
 CORRELATION_HEAD = ["fm", "distance", "reference", "pearson_r", "pearson_p", "spearman_rho", "ci_low", "ci_high"]
 COST_HEAD = ["fm", "task", "gpu_hours_finetune", "gpu_hours_scratch", "ratio", "wall_seconds_finetune",
-             "wall_seconds_scratch", "epochs_to_95_finetune", "epochs_to_95_scratch"]  # fmt: skip
+             "wall_seconds_scratch", "wall_ratio", "epochs_to_95_finetune", "epochs_to_95_scratch"]  # fmt: skip
 PAIRS = {"d2r": ("finetune", "final", "random", "step0"), "d2p": ("finetune", "final", "finetune", "step0"),
          "d2s": ("finetune", "final", "scratch", "final")}  # fmt: skip
 SUFFIX = {"head_input": "", "encoder": "_encoder"}

@@ -95,3 +95,22 @@ def test_run_ids_link_to_their_page_in_the_mlflow_ui(tmp_path: Path) -> None:
     (tmp_path / "plain").mkdir()
     plain, _ = write_report(tmp_path / "plain", "s", "s", "sqlite:///x.db", ["demo"], {}, res, selection)
     assert "| abc123 |" in plain.read_text() and "](http" not in plain.read_text()
+
+
+def test_cost_sentence_uses_wall_time_when_no_run_logged_gpu_hours(tmp_path: Path) -> None:
+    cost = [
+        {"fm": "provicnet", "task": t, "gpu_hours_finetune": 0.0, "gpu_hours_scratch": 0.0, "ratio": math.nan,
+         "wall_seconds_finetune": ft, "wall_seconds_scratch": sc, "wall_ratio": ft / sc, "_why": {}}
+        for t, ft, sc in (("segmentation", 100.0, 200.0), ("super_resolution", 300.0, 200.0))
+    ]  # fmt: skip
+    res = result([alignment("segmentation", 0.3, 0.2, 0.0)])
+    res.cost = cost
+    md_path, _ = write_report(
+        tmp_path, "s", "s", "sqlite:///x.db", ["demo"], {}, res, SimpleNamespace(rows=lambda: [], excluded=[])
+    )
+    md = md_path.read_text()
+    assert ("No FM and task has GPU-hours of both finetune and scratch (a CPU study); on wall time, finetune needs "
+            "less time than scratch on 1 of 2 FM-task pairs (median ratio 1).") in md  # fmt: skip
+    header = next(line for line in md.splitlines() if line.startswith("| fm | task | gpu_hours_finetune"))
+    assert "| wall_ratio |" in header
+    assert "| provicnet | segmentation | 0 | 0 | - | 100 | 200 | 0.5 |" in md

@@ -149,6 +149,9 @@ def test_cost_row_by_hand() -> None:
     assert row["gpu_hours_finetune"] == pytest.approx(0.6) and row["gpu_hours_scratch"] == pytest.approx(2.4)
     assert row["ratio"] == pytest.approx(0.25)
     assert row["wall_seconds_finetune"] == pytest.approx(2000.0)
+    assert row["wall_ratio"] == pytest.approx(2000.0 / 7600.0)
+    cpu = cost_row("profound", "segmentation", [RunCost(0.0, 30.0)], [RunCost(0.0, 120.0)])  # a CPU study: 0 GPU-hours
+    assert math.isnan(cpu["ratio"]) and cpu["wall_ratio"] == pytest.approx(0.25)
     assert row["epochs_to_95_finetune"] == pytest.approx(3.5)  # (3 + 4) / 2: 0.78 >= 0.76, 1.0 >= 0.95 at epoch 4
     assert math.isnan(row["epochs_to_95_scratch"])  # one scratch run logged no curve
 

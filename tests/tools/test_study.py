@@ -127,6 +127,50 @@ def test_overrides_replace_or_add_a_key(tmp_path: Path) -> None:
         apply_overrides(grid, [("nothing*", "epochs=1")])
 
 
+def test_grid_runs_know_their_task(tmp_path: Path) -> None:
+    grid = build_grid(make_study(tmp_path), URI)
+    for r in grid:
+        if r.stage in ("pretrain", "analysis"):
+            assert r.task is None, r.name
+        else:
+            assert r.task in TASKS and (r.task in r.bundle or SPECIALISED[r.task] == r.bundle), r.name
+
+
+def test_progress_estimate_takes_each_run_from_its_own_bundle_or_task(tmp_path: Path) -> None:
+    import io
+
+    from tools.study.executor import Executor, Outcome, Progress
+
+    def run(bundle: str, stage: str, task: str | None) -> Run:
+        name = f"{bundle}/random/seed0" if stage == "random" else f"{bundle}/seed0"
+        return Run(name, bundle, stage, stage, 0, (), task=task)
+
+    outcomes = [
+        Outcome(run("profound_classification_finetune", "finetune", "classification"), "finished", seconds=10.0),
+        Outcome(
+            run("profound_modality_translation_finetune", "finetune", "modality_translation"), "finished", seconds=400.0
+        ),
+        Outcome(run("profound_classification_finetune", "random", "classification"), "pending"),  # its bundle: 10
+        Outcome(run("provicnet_modality_translation_scratch", "scratch", "modality_translation"), "pending"),  # 400
+        Outcome(run("unet_segmentation", "specialised", "segmentation"), "pending"),  # nothing alike: the mean, 205
+        Outcome(
+            run("provicnet_modality_translation_finetune", "finetune", "modality_translation"),
+            "running",
+            started=1000.0 - 100.0,
+        ),  # its task, 400, of which 100 s done
+    ]
+    executor = Executor(outcomes, jobs=2, threads=1, gpus=[], tracking_uri=URI, logs_dir=tmp_path,
+                        progress=Progress(io.StringIO()))  # fmt: skip
+    assert executor.remaining_work(1000.0) == pytest.approx(10 + 400 + 205 + 300)
+    for o in outcomes[2:]:
+        o.status = "finished"
+    assert executor.remaining_work(1000.0) is None  # nothing left
+    executor.outcomes = {o.run.name + str(i): o for i, o in enumerate(outcomes[2:])}
+    for o in executor.outcomes.values():
+        o.status = "pending"
+    assert executor.remaining_work(1000.0) is None  # nothing finished: no estimate
+
+
 def test_config_files_and_multi_gpu_overlay() -> None:
     run = Run("profound_pretrain/seed0", "profound_pretrain", "pretrain", "pretrain", 0, ())
     assert run.config_file() == "bundles/profound_pretrain/configs/train.json"

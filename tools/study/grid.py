@@ -72,6 +72,8 @@ class Run:
         args: the bundle's overrides as ``(key, value)`` pairs, passed as ``--key value``.
         depends: names of the runs that must have finished first. Default none.
         output_dir: the run's output folder. Default ``""`` (the analysis: its ``output_dir`` arg).
+        task: the task id of a downstream or specialised run (``common.tasks``); None for pretraining and the
+            analysis. The progress line estimates a run's duration from finished runs of its task.
     """
 
     name: str
@@ -82,6 +84,7 @@ class Run:
     args: tuple[tuple[str, str], ...]
     depends: tuple[str, ...] = ()
     output_dir: str = ""
+    task: str | None = None
 
     @property
     def key(self) -> str:
@@ -141,18 +144,18 @@ def build_grid(study: Study, tracking_uri: str) -> list[Run]:
     given; the others need nothing (a random-weight run does not read the pretrained weights)."""
     runs_dir = study.study_dir / "runs"
 
-    def run(bundle: str, stage: str, regime: str, seed: int, *extra: tuple[str, str], depends=()) -> Run:
+    def run(bundle: str, stage: str, regime: str, seed: int, *extra: tuple[str, str], depends=(), task=None) -> Run:
         sub = f"{bundle}/random/seed{seed}" if stage == "random" else f"{bundle}/seed{seed}"
         common = (("profile", study.profile), ("seed", str(seed)), ("study", study.name),
                   ("study_dir", str(study.study_dir)), ("datalist", study.datalist))  # fmt: skip
-        return Run(sub, bundle, stage, regime, seed, common + extra, tuple(depends), str(runs_dir / sub))
+        return Run(sub, bundle, stage, regime, seed, common + extra, tuple(depends), str(runs_dir / sub), task)
 
     grid = []
     for seed in study.seeds:
         grid += [run(get_fm(fm).pretrain_bundle, "pretrain", "pretrain", seed) for fm in FMS
                  if fm not in study.weights and get_fm(fm).pretrain_bundle]  # fmt: skip
     for seed in study.seeds:
-        grid += [run(SPECIALISED[t], "specialised", "specialised", seed) for t in TASKS]
+        grid += [run(SPECIALISED[t], "specialised", "specialised", seed, task=t) for t in TASKS]
         for fm in FMS:
             for task in TASKS:
                 if fm in study.weights:
@@ -161,9 +164,10 @@ def build_grid(study: Study, tracking_uri: str) -> list[Run]:
                     ckpt = str(runs_dir / _pretrain_name(fm, seed) / "models" / "model.pt")
                     depends = (_pretrain_name(fm, seed),)
                 grid.append(run(f"{fm}_{task}_finetune", "finetune", "finetune", seed, ("pretrained_ckpt", ckpt),
-                                depends=depends))  # fmt: skip
-        grid += [run(f"{fm}_{t}_finetune", "random", "random", seed, ("init", "random")) for fm in FMS for t in TASKS]
-        grid += [run(f"{fm}_{t}_scratch", "scratch", "scratch", seed) for fm in FMS for t in TASKS]
+                                depends=depends, task=task))  # fmt: skip
+        grid += [run(f"{fm}_{t}_finetune", "random", "random", seed, ("init", "random"), task=t)
+                 for fm in FMS for t in TASKS]  # fmt: skip
+        grid += [run(f"{fm}_{t}_scratch", "scratch", "scratch", seed, task=t) for fm in FMS for t in TASKS]
     analysis_args = (("tracking_uri", tracking_uri), ("study", study.name), ("output_dir", str(study.analysis_dir)))
     grid.append(Run(ANALYSIS, "tools", ANALYSIS, ANALYSIS, None, analysis_args))
     return grid

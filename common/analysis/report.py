@@ -227,15 +227,12 @@ def _cost_sentence(rows: Sequence[Mapping[str, object]]) -> str:
     def share(ratios: list[float], what: str) -> str:
         pairs = _count(len(ratios), "FM-task pair")
         median = statistics.median(ratios)
-        return (
-            f"finetune needs {what} than scratch on {sum(x < 1 for x in ratios)} of {pairs} (median ratio {median:.3g})"
-        )
+        return f"needs {what} than scratch on {sum(x < 1 for x in ratios)} of {pairs} (median ratio {median:.3g})"
 
     if gpu := finite("ratio"):
-        sentence = share(gpu, "fewer GPU-hours")
-        return sentence[0].upper() + sentence[1:] + "."
+        return f"Finetune {share(gpu, 'fewer GPU-hours')}."
     if wall := finite("wall_ratio"):
-        lead = "No FM and task has GPU-hours of both finetune and scratch (a CPU study); on wall time,"
+        lead = "No FM and task has GPU-hours of both finetune and scratch (a CPU study); on wall time, finetune"
         return f"{lead} {share(wall, 'less time')}."
     return "No FM and task has GPU-hours or wall seconds of both finetune and scratch."
 

@@ -200,15 +200,17 @@ class Executor:
         if not finished or not left:
             return None
 
-        def mean(group: list[Outcome]) -> float:
-            return sum(o.seconds for o in group) / len(group)
-
-        overall = mean(finished)
+        by_bundle: dict[str, list[float]] = {}
+        by_task: dict[str, list[float]] = {}  # pretraining and the analysis have no task
+        for o in finished:
+            by_bundle.setdefault(o.run.bundle, []).append(o.seconds)
+            if o.run.task is not None:
+                by_task.setdefault(o.run.task, []).append(o.seconds)
+        overall = [o.seconds for o in finished]
 
         def expected(run: Run) -> float:
-            same_bundle = [o for o in finished if o.run.bundle == run.bundle]
-            same_task = [o for o in finished if run.task is not None and o.run.task == run.task]
-            return mean(same_bundle) if same_bundle else mean(same_task) if same_task else overall
+            group = by_bundle.get(run.bundle) or by_task.get(run.task or "") or overall
+            return sum(group) / len(group)
 
         work = 0.0
         for o in left:

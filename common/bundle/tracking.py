@@ -394,8 +394,9 @@ class StudyTracker:
       ``bundle_version``, ``metric_name``) plus ``git_commit``; params: ``params``;
     - per epoch (step = epoch, 1-based): ``train_loss`` (mean over the epoch's iterations), ``train_<term>`` for each
       scalar term a network reports beside its loss (``{"loss", "dino_loss", "patch_loss"}`` gives
-      ``train_dino_loss`` and ``train_patch_loss``), ``lr``, and ``val_metric`` from ``validator``'s key metric when
-      a validator is given;
+      ``train_dino_loss`` and ``train_patch_loss``), ``lr``, ``epoch_seconds`` (the epoch's training iterations, data
+      loading included, as Ignite times them; validation not included: what a cache across epochs shortens), and
+      ``val_metric`` from ``validator``'s key metric when a validator is given;
     - at the end: ``wall_seconds`` (summed over resumed segments), ``gpu_hours`` (GPUs x hours), the executed config
       and each existing path of ``artifacts``; the run is then FINISHED. An exception marks it FAILED with the error
       as tag ``error`` and the executed config as artifact; Ctrl-C and SIGTERM mark it KILLED (SIGTERM exits with
@@ -651,6 +652,9 @@ class StudyTracker:
         self._terms = {}
         if self.optimizer is not None:
             self._log("lr", self.optimizer.param_groups[0]["lr"], epoch)
+        seconds = engine.state.times.get("EPOCH_COMPLETED")
+        if seconds is not None:
+            self._log("epoch_seconds", seconds, epoch)
         self._write_state("RUNNING")
 
     def validation_completed(self, evaluator) -> None:

@@ -66,6 +66,8 @@ def test_run_has_tags_params_epoch_losses_and_finishes(tmp_path: Path) -> None:
     assert run.data.params["lr"] == "0.0001"
     history = [(m.step, m.value) for m in client.get_metric_history(tracker.run_id, "train_loss")]
     assert history == [(1, 3.0), (2, 2.0)]
+    epoch_seconds = client.get_metric_history(tracker.run_id, "epoch_seconds")
+    assert [m.step for m in epoch_seconds] == [1, 2] and all(m.value > 0 for m in epoch_seconds)
     assert run.data.metrics["gpu_hours"] == 0.0  # no GPU here
     assert run.data.metrics["wall_seconds"] > 0
     state = json.loads((tmp_path / "run" / "mlflow_run.json").read_text())

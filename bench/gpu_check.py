@@ -5,6 +5,7 @@ artifacts; then the train-step benchmark; one JSON of results under ``bench/resu
 On a machine with a CUDA GPU, from the repository root::
 
     python bench/gpu_check.py          # meant to fit in 8 minutes on one H100 / H200; not yet run on a GPU
+    python bench/gpu_check.py --official DIR   # the benchmark times the official networks too (bench/official.py)
 
 ``--dry_run`` runs nothing heavy: it prints every command the check would run (the study runner's own dry run) and
 times the train-step benchmark at its ``--small`` shapes, so the script is tested on a CPU. ``--allow_cpu`` runs the
@@ -101,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="*", default=[], help="bundles to run (default: all, and the analysis)")
     parser.add_argument("--study_dir", type=Path, default=None, help="default: results/gpu-check-<time>")
     parser.add_argument("--no_bench", action="store_true", help="skip the train-step benchmark")
+    parser.add_argument("--official", type=Path, metavar="DIR",
+                        help="a checkout of the official code, timed beside ours (bench/official.py)")  # fmt: skip
     parser.add_argument("--dry_run", action="store_true", help="print the plan, time the benchmark at small shapes")
     parser.add_argument("--allow_cpu", action="store_true", help="run without CUDA (for tests)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
@@ -138,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         bench = [sys.executable, str(REPO / "bench" / "train_step.py"), "--out", str(args.out / "gpu_check_bench")]
         if args.dry_run or not cuda:
             bench += ["--small", "--steps", "2", "--warmup", "1", "--variants", "fp32"]  # compile is minutes on a CPU
+        if args.official is not None:
+            bench += ["--official", str(args.official.resolve())]
         print("$", " ".join(bench), flush=True)
         timed = subprocess.run(bench, cwd=REPO, env=env, capture_output=True, text=True)
         rows = [json.loads(line) for line in timed.stdout.splitlines() if line.startswith("{")]

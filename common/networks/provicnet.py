@@ -650,7 +650,9 @@ def freeze_provicnet_finetune(
     (DESIGN.md section 3), so ``norms`` names the choice:
 
     - ``"final"`` (default): the final ``norm`` only (besides the norms inside the trainable blocks); the backward
-      pass stops at the first trainable block. The protocol of the official-anchor benchmark (bench/README.md).
+      pass stops at the first trainable block. The official ProViCNet training code fine-tunes every parameter
+      (pimed/ProViCNet ``ModelArchitectures/Models.py``; only its LoRA variant freezes the backbone), so it does not
+      settle the paper's protocol; this reading keeps every frozen block exactly pretrained.
     - ``"all"``: every LayerNorm of the backbone (``norm1``/``norm2`` of all blocks and the final ``norm``). The
       backward pass then runs through all blocks: on one CPU thread at the demo profile a ProViCNetDense training
       step takes 2.0x the ``"final"`` one (1.09 s against 0.55 s at batch 2 of 64 x 64 x 32; 1.6x on an H100 at the

@@ -43,6 +43,15 @@ def test_dry_run_plans_every_bundle_at_the_gpu_profile(tmp_path: Path) -> None:
     assert not (tmp_path / "study" / "mlflow.db").exists()  # nothing ran
 
 
+def test_official_goes_to_the_benchmark_and_a_wrong_checkout_fails_the_check(tmp_path: Path) -> None:
+    (tmp_path / "not-official").mkdir()
+    proc, result = _check(tmp_path, "--dry_run", "--official", str(tmp_path / "not-official"))
+    bench = result["train_step"]
+    assert bench["command"][-2:] == ["--official", str(tmp_path / "not-official")]
+    assert bench["returncode"] != 0 and "is not a checkout of the official code" in bench["stderr_tail"]
+    assert proc.returncode == 1 and not result["ok"]
+
+
 @pytest.mark.slow
 def test_a_real_check_reads_each_run_back(tmp_path: Path) -> None:
     proc, result = _check(tmp_path, "--allow_cpu", "--profile", "smoke", "--only", "unet_segmentation", "--no_bench")

@@ -3,8 +3,8 @@ documented entry point (``python -m monai.bundle run``), once with ``--encoder_c
 cached mode, one after the other on the same machine; the training time of every epoch read back from the MLflow
 run (``epoch_seconds``, Ignite's time of the epoch's training pass, validation excluded).
 
-    python bench/cache_epochs.py [--profile demo] [--epochs 3] [--tasks classification segmentation ...]
-                                 [--out bench/results/cache_epochs_<profile>_<machine>.json]
+    python bench/cache_epochs.py [--profile demo] [--epochs N (default: the profile's)] [--tasks ...]
+                                 [--out bench/results/cache_epochs_<profile>_cpu<threads>.json]
 
 Epoch 1 of a cached run fills the cache (it computes the encoder as the uncached run does, plus the bookkeeping);
 from epoch 2 every training step reuses the stage maps. Reported per task: each run's epoch times, epoch 1 and the
@@ -39,6 +39,7 @@ from common.bundle.data import resolve_datalist  # noqa: E402
 from common.contract import RUN_FILE  # noqa: E402
 from common.profiles import get_profile  # noqa: E402
 from common.tasks import get_task  # noqa: E402
+from tools.study import tracking_setup  # noqa: E402
 
 #: the ProFound finetune bundles whose task caches the frozen encoder in training (``Task.encoder_cache == "all"``)
 TASKS = ("classification", "segmentation", "super_resolution")
@@ -51,11 +52,11 @@ CACHE_LINE = re.compile(
 def bundle_command(task: str, mode: str, profile: str, epochs: int, work: Path) -> list[str]:
     """The documented bundle command of ``profound_<task>_finetune``'s random-weight run with ``--encoder_cache
     mode``: study folder ``work`` (its cohort), run folder ``work/<task>-<mode>``, the store ``work/mlflow.db``."""
+    tracking, _ = tracking_setup(f"sqlite:///{work / 'mlflow.db'}")  # the runner's own arguments for a SQLite store
     return [sys.executable, "-m", "monai.bundle", "run",
             "--config_file", f"bundles/profound_{task}_finetune/configs/train.json",
             "--profile", profile, "--init", "random", "--epochs", str(epochs), "--encoder_cache", mode,
-            "--study_dir", str(work), "--output_dir", str(work / f"{task}-{mode}"),
-            "--tracking", "mlflow_config/sqlite.json", "--tracking_uri", f"sqlite:///{work / 'mlflow.db'}"]  # fmt: skip
+            "--study_dir", str(work), "--output_dir", str(work / f"{task}-{mode}"), *tracking]  # fmt: skip
 
 
 def epoch_seconds(work: Path, output_dir: Path) -> list[float]:
@@ -81,7 +82,6 @@ def run_bundle(task: str, mode: str, profile: str, epochs: int, work: Path, thre
     epochs_s = epoch_seconds(work, work / f"{task}-{mode}")
     if len(epochs_s) != epochs:
         raise RuntimeError(f"{task} encoder_cache={mode}: {len(epochs_s)} epoch times logged, expected {epochs}")
-    later = statistics.mean(epochs_s[1:]) if len(epochs_s) > 1 else None
     found = CACHE_LINE.search(done.stdout + done.stderr)
     cache = None
     if found:
@@ -94,7 +94,7 @@ def run_bundle(task: str, mode: str, profile: str, epochs: int, work: Path, thre
         "mode": mode,
         "epoch_seconds": [round(s, 3) for s in epochs_s],
         "first_epoch_seconds": round(epochs_s[0], 3),
-        "later_epoch_seconds": None if later is None else round(later, 3),
+        "later_epoch_seconds": round(statistics.mean(epochs_s[1:]), 3),  # main() asks for at least 2 epochs
         "wall_seconds": round(wall, 1),
         "cache": cache,
     }
@@ -102,15 +102,12 @@ def run_bundle(task: str, mode: str, profile: str, epochs: int, work: Path, thre
 
 def compare(task: str, uncached: dict, cached: dict) -> dict:
     """One task's row: both runs and the ratios uncached / cached."""
-    ratio = None
-    if uncached["later_epoch_seconds"] and cached["later_epoch_seconds"]:
-        ratio = round(uncached["later_epoch_seconds"] / cached["later_epoch_seconds"], 2)
     return {
         "task": task,
         "bundle": f"profound_{task}_finetune",
         "uncached": uncached,
         "cached": cached,
-        "later_epochs_ratio": ratio,
+        "later_epochs_ratio": round(uncached["later_epoch_seconds"] / cached["later_epoch_seconds"], 2),
         "wall_ratio": round(uncached["wall_seconds"] / cached["wall_seconds"], 2),
     }
 

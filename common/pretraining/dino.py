@@ -40,7 +40,13 @@ Choices of this implementation:
 - Neighbours outside the patch grid are skipped (the official slicing silently drops a border anchor's window).
 - Two global views per slice stack, made in torch on the batch (random resized crop with scale (0.32, 1) as dinov2's
   global crops, horizontal flip, intensity scale/shift, gamma, Gaussian noise); local crops, iBOT masked-patch loss
-  and KoLeo are omitted. The patch contrast uses the student tokens of both views (lesion masks warped with them).
+  are omitted. The patch contrast uses the student tokens of both views (lesion masks warped with them).
+- KoLeo (dinov2 ``KoLeoLoss``, Sablayrolles et al. 2019), ``koleo_weight`` 0.1 as dinov2's ``koleo_loss_weight``:
+  ``-mean_n log ||z_n - z_nn(n)||`` over the L2-normalised student cls tokens of each global view, ``nn(n)`` the
+  nearest other token of the same view, summed over the views. It keeps the tokens of a batch apart. Without it the
+  demo profile's pretraining collapsed: a random tiny ViT maps every slice stack to nearly the same cls token, the
+  centred teacher is uniform after ~20 iterations (entropy ln K) and the DINO loss gives no signal, so the backbone
+  drifted to features on which the downstream classifier scored below a random-weight one.
 - The teacher is an EMA copy of the student's backbone, slice-position tokens and DINO head; it never gets
   gradients and stays in eval mode.
 """
@@ -68,6 +74,7 @@ __all__ = [
     "ProViCNetPretrainer",
     "cosine_momentum",
     "dino_cls_loss",
+    "koleo_loss",
     "patch_lesion_labels",
     "provicnet_pair_loss",
     "random_global_view",
@@ -211,6 +218,21 @@ def dino_cls_loss(
                 total = total - (t * log_p).sum(dim=-1).mean()
                 terms += 1
     return total / terms
+
+
+def koleo_loss(features: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """KoLeo regulariser (dinov2 ``KoLeoLoss``): ``(N, E) -> ()``, ``-mean_n log(||z_n - z_m(n)|| + eps)`` with
+    ``z = features / ||features||`` and ``m(n)`` the index of the largest ``z_n . z_m``, ``m != n`` (the nearest
+    neighbour on the sphere); distances as ``torch.nn.PairwiseDistance(2, eps)``. Computed in float32. N >= 2."""
+    if features.ndim != 2 or features.shape[0] < 2:
+        raise ValueError(f"features must have shape (N, E) with N >= 2, got {tuple(features.shape)}.")
+    z = F.normalize(features.float(), p=2, dim=-1, eps=eps)
+    with torch.no_grad():
+        dots = z @ z.T
+        dots.fill_diagonal_(-2.0)
+        nearest = dots.argmax(dim=1)
+    distances = F.pairwise_distance(z, z[nearest], p=2, eps=eps)
+    return -torch.log(distances + eps).mean()
 
 
 def cosine_momentum(step: int, total_steps: int, base: float = 0.996, final: float = 1.0) -> float:
@@ -452,6 +474,7 @@ class ProViCNetPretrainer(nn.Module):
         patch_weight: weight of the patch term. Default 1.0.
         patch_out_dim: output width of the patch head ``CL_Head``. Default 65536 (official).
         patch_temp: SupCon temperature. Default 0.1.
+        koleo_weight: weight of the KoLeo term on the student cls tokens (:func:`koleo_loss`). Default 0.1 (dinov2).
         patch_margin: margin of the official negative-pair term. Default 0.5.
         max_pairs: pairs of each kind per view for ``"provicnet"``. Default 30 (official).
         max_patches: patches per slice for ``"supcon"``. Default 64.
@@ -481,6 +504,7 @@ class ProViCNetPretrainer(nn.Module):
         patch_weight: float = 1.0,
         patch_out_dim: int = 65536,
         patch_temp: float = 0.1,
+        koleo_weight: float = 0.1,
         patch_margin: float = 0.5,
         max_pairs: int = 30,
         max_patches: int = 64,
@@ -503,6 +527,7 @@ class ProViCNetPretrainer(nn.Module):
         self.teacher_momentum = check_float(teacher_momentum, "teacher_momentum", 0.0, 1.0)
         self.patch_weight = check_float(patch_weight, "patch_weight", 0.0)
         self.patch_temp = check_float(patch_temp, "patch_temp", 0.0, open_low=True)
+        self.koleo_weight = check_float(koleo_weight, "koleo_weight", 0.0)
         self.patch_margin = check_float(patch_margin, "patch_margin", -1.0, 1.0)
         self.lesion_fraction = check_float(lesion_fraction, "lesion_fraction", 0.0, 1.0, open_low=True)
         self.background_fraction = check_float(background_fraction, "background_fraction", 0.0, 1.0)
@@ -583,7 +608,8 @@ class ProViCNetPretrainer(nn.Module):
         generator: torch.Generator | None = None,
     ) -> dict[str, torch.Tensor]:
         """``(N, C, h, w), (N, 2)`` [and lesion ``(N, 1, h, w)``] ``-> {"loss", "dino_loss", "patch_loss",
-        "teacher_entropy", "dino_kl"}`` scalars; the last two (no gradient) split the DINO cross-entropy into the
+        "koleo_loss", "teacher_entropy", "dino_kl"}`` scalars, ``loss = dino_loss + patch_weight * patch_loss +
+        koleo_weight * koleo_loss``; the last two (no gradient) split the DINO cross-entropy into the
         teacher's entropy, which rises early while the centre adapts, and KL(teacher || student), which training
         lowers.
 
@@ -612,6 +638,9 @@ class ProViCNetPretrainer(nn.Module):
         feats = self.student.forward_features_pos(images, pos2)
         s_logits = self.student.dino_head(feats["x_norm_clstoken"]).chunk(2)
         dino_loss = dino_cls_loss(s_logits, t_probs, self.student_temp)
+        # dinov2 sums the term over the global views; a view of one image has no neighbour, so its term is 0
+        n = x.shape[0]
+        koleo = sum(koleo_loss(c) for c in feats["x_norm_clstoken"].chunk(2)) if n > 1 else dino_loss.new_zeros(())
 
         terms = []
         if lesion is not None:
@@ -624,9 +653,10 @@ class ProViCNetPretrainer(nn.Module):
         with torch.no_grad():  # CE = H(teacher) + KL(teacher || student): the KL is the student's progress measure
             entropy = torch.stack([-(t * t.clamp_min(1e-12).log()).sum(dim=-1).mean() for t in t_probs]).mean()
         return {
-            "loss": dino_loss + self.patch_weight * patch_loss,
+            "loss": dino_loss + self.patch_weight * patch_loss + self.koleo_weight * koleo,
             "dino_loss": dino_loss,
             "patch_loss": patch_loss,
+            "koleo_loss": koleo.detach(),
             "teacher_entropy": entropy,
             "dino_kl": dino_loss.detach() - entropy,
         }

@@ -15,6 +15,7 @@ from common.pretraining.dino import (
     ProViCNetPretrainer,
     cosine_momentum,
     dino_cls_loss,
+    koleo_loss,
     patch_lesion_labels,
     provicnet_pair_loss,
     random_global_view,
@@ -92,6 +93,41 @@ def test_dino_loss_hand_value() -> None:
     t = [torch.tensor([[1.0, 0.0]])] * 2
     s = [torch.zeros(1, 2), torch.zeros(1, 2)]
     assert dino_cls_loss(s, t).item() == pytest.approx(math.log(2.0))
+
+
+def test_koleo_matches_brute_force() -> None:
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(7, 4))
+    z = x / np.linalg.norm(x, axis=1, keepdims=True)
+    # nearest other point by Euclidean distance on the sphere (the same as the largest dot product)
+    d = np.linalg.norm(z[:, None] - z[None], axis=-1) + np.diag(np.full(7, np.inf))
+    expected = -np.log(d.min(axis=1)).mean()
+    assert koleo_loss(torch.tensor(x)).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_koleo_hand_values_and_gradient() -> None:
+    # two orthogonal unit vectors: distance sqrt(2) each, loss -log sqrt(2)
+    assert koleo_loss(torch.eye(2)).item() == pytest.approx(-0.5 * math.log(2.0), rel=1e-6)
+    # points that nearly coincide give a large loss whose gradient pushes them apart
+    x = torch.tensor([[1.0, 0.0], [1.0, 0.01], [-1.0, 0.0]], requires_grad=True)
+    loss = koleo_loss(x)
+    assert loss.item() > 2.0
+    loss.backward()
+    assert x.grad[1, 1] < 0  # moving point 1 further from point 0 lowers the loss
+    with pytest.raises(ValueError):
+        koleo_loss(torch.ones(1, 3))
+
+
+def test_pretrainer_adds_weighted_koleo() -> None:
+    x, pos, lesion = phantom_batch()
+    outs = {}
+    for weight in (0.0, 0.1):
+        model = tiny_pretrainer(koleo_weight=weight).train()
+        outs[weight] = model(x, pos, lesion, generator=torch.Generator().manual_seed(0))
+    for weight, out in outs.items():
+        torch.testing.assert_close(out["loss"], out["dino_loss"] + out["patch_loss"] + weight * out["koleo_loss"])
+    torch.testing.assert_close(outs[0.0]["koleo_loss"], outs[0.1]["koleo_loss"])
+    assert outs[0.1]["koleo_loss"].item() != 0.0
 
 
 @pytest.mark.parametrize(("momentum", "expected"), [(0.9, [[1.3, 2.0]]), (0.5, [[2.5, 2.0]]), (1.0, [[1.0, 2.0]])])
@@ -236,7 +272,8 @@ def test_no_lesion_patches_contribute_zero(patch_loss: str) -> None:
     x, pos, lesion = phantom_batch()
     out = model(x, pos, torch.zeros_like(lesion), generator=torch.Generator().manual_seed(0))
     assert out["patch_loss"].item() == 0.0
-    assert torch.isfinite(out["loss"]) and out["loss"].item() == out["dino_loss"].item()
+    assert torch.isfinite(out["loss"])
+    torch.testing.assert_close(out["loss"], out["dino_loss"] + model.koleo_weight * out["koleo_loss"])
     out["loss"].backward()
     assert model.CL_Head.mlp[0].weight.grad is not None
 
@@ -307,6 +344,7 @@ def test_saved_student_loads_into_dense_model(tmp_path: object) -> None:
     [
         {"patch_loss": "infonce"},
         {"student_temp": 0.0},
+        {"koleo_weight": -0.1},
         {"center_momentum": 1.5},
         {"lesion_fraction": 0.1, "background_fraction": 0.2},
         {"max_patches": 1},

@@ -30,6 +30,7 @@ __all__ = [
     "METRIC_TEST",
     "METRIC_TEST_AUC",
     "METRIC_TEST_DICE_ALL",
+    "METRIC_TEST_DICE_ON",
     "METRIC_TEST_FP_VOLUME",
     "PREDICTIONS_ARTIFACT",
     "RUN_FILE",
@@ -99,6 +100,9 @@ METRIC_BASELINE = "baseline_metric"
 METRIC_TEST_AUC = "test_auc"
 #: segmentation: Dice with the all-empty convention (a lesion-free case predicted empty scores 1)
 METRIC_TEST_DICE_ALL = "test_dice_all"
+#: segmentation: P over the test cases given each diffusion map (the input draws ADC or DWI per case), so that a
+#: model that reads only one of the two maps shows as such
+METRIC_TEST_DICE_ON: dict[str, str] = {"adc": "test_dice_adc", "dwi": "test_dice_dwi"}
 #: segmentation: mean predicted lesion volume (ml) on the lesion-free test cases (false positives)
 METRIC_TEST_FP_VOLUME = "test_fp_volume_ml"
 #: tag: the name of the baseline ``baseline_metric`` comes from

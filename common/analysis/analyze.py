@@ -60,7 +60,8 @@ logger = logging.getLogger(__name__)
 TRAJECTORY_COLUMNS: tuple[str, ...] = ("fm", "task", "seed", "epoch", "d2p")
 SELECTED_COLUMNS: tuple[str, ...] = ("run_id", "run_name", "model", "task", "regime", "seed", "profile", "bundle",
                                      "bundle_version", "git_commit", "test_metric", "baseline_metric", "baseline_name",
-                                     "beats_baseline", "test_auc", "test_dice_all", "test_fp_volume_ml")  # fmt: skip
+                                     "beats_baseline", "test_auc", "test_dice_all", "test_dice_adc", "test_dice_dwi",
+                                     "test_fp_volume_ml")  # fmt: skip
 LAYER_OPTIONS: tuple[str, ...] = ("auto", *LAYERS)
 EXCLUDED_COLUMNS: tuple[str, ...] = ("run_id", "run_name", "model", "task", "regime", "seed", "status", "reason")
 

@@ -45,7 +45,8 @@ _COST = ("fm", "task", "gpu_hours_finetune", "gpu_hours_scratch", "ratio", "wall
          "wall_seconds_scratch", "wall_ratio", "epochs_to_95_finetune", "epochs_to_95_scratch")  # fmt: skip
 _SELECTED = ("run_id", "run_name", "model", "task", "regime", "seed", "test_metric", "baseline_metric",
              "baseline_name", "beats_baseline", "profile", "bundle_version", "git_commit")  # fmt: skip
-_SECONDARY = ("model", "task", "regime", "seed", "test_auc", "test_dice_all", "test_fp_volume_ml")
+_SECONDARY = ("model", "task", "regime", "seed", "test_auc", "test_dice_all", "test_dice_adc", "test_dice_dwi",
+              "test_fp_volume_ml")  # fmt: skip
 _EXCLUDED = ("run_id", "run_name", "model", "task", "regime", "seed", "status", "reason")
 _FIGURES = (
     ("fig1b_scratch_vs_finetune", "Finetune vs scratch per metric, marker area by D2S, star = trivial baseline "
@@ -83,6 +84,10 @@ _GLOSSARY = (
     ("ratio", "GPU-hours finetune / scratch (paper Table 1)"),
     ("wall_ratio", "wall seconds finetune / scratch (on CPU, where the runs log 0 GPU-hours)"),
     ("epochs_to_95_*", "first epoch whose validation metric reaches 95 % of its final value (paper Fig. 3)"),
+    (
+        "test_dice_adc, test_dice_dwi",
+        "segmentation P over the test cases given ADC, and given high-b DWI (the input draws one of the two per case)",
+    ),  # fmt: skip
 )
 _DEFAULT_WHY = {
     "test_metric": "the run logged no test_metric",
@@ -90,6 +95,10 @@ _DEFAULT_WHY = {
     "test_auc": "the classification run logged no test_auc",
     "test_dice_all": "the segmentation run logged no test_dice_all",
     "test_fp_volume_ml": "the segmentation run logged no test_fp_volume_ml",
+    "test_dice_adc": "the segmentation run logged no test_dice_adc (no test case with a lesion was given ADC, or a "
+    "bundle from before the per-map Dice)",
+    "test_dice_dwi": "the segmentation run logged no test_dice_dwi (no test case with a lesion was given DWI, or a "
+    "bundle from before the per-map Dice)",
 }
 
 
@@ -185,6 +194,16 @@ def _below_sentence(result: Any) -> str:
     return text + "."
 
 
+def _secondary_sentence(rows: Sequence[Mapping[str, object]]) -> str:
+    """How many segmentation runs found lesions on the cases of only one diffusion map (Dice 0 on the other's)."""
+    both = [r for r in rows if all(math.isfinite(_num(r.get(k))) for k in ("test_dice_adc", "test_dice_dwi"))]
+    if not both:
+        return ""
+    one = [r for r in both if (_num(r["test_dice_adc"]) > 0) != (_num(r["test_dice_dwi"]) > 0)]
+    return (f"{len(one)} of {_count(len(both), 'segmentation run')} with Dice per diffusion map found lesions on the "
+            "cases given one map only (Dice 0 on the other's): such a model read one of the two maps.")  # fmt: skip
+
+
 def _correlation_sentence(rows: Sequence[Mapping[str, object]]) -> str:
     finite = [r for r in rows if math.isfinite(_num(r["pearson_r"]))]
     if not finite:
@@ -258,7 +277,7 @@ def _tables(result: Any, selection: Any, option: object) -> tuple[list[Table], l
         if entry is None:
             continue
         if entry.classification:
-            secondary.append({**r, "test_dice_all": "", "test_fp_volume_ml": ""})
+            secondary.append({**r, **dict.fromkeys(_SECONDARY[5:], "")})
         elif entry.metric == "dice":
             secondary.append({**r, "test_auc": ""})
     head = [
@@ -278,9 +297,9 @@ def _tables(result: Any, selection: Any, option: object) -> tuple[list[Table], l
     tail = [
         Table("Selected runs", _SELECTED, selected, label=("model", "task", "regime", "seed"),
               sentence=f"{_count(len(selected), 'run')} selected; {len(selection.excluded)} left out (next table)."),
-        Table("Secondary test metrics (classification AUC; segmentation Dice with the all-empty convention and "
-              "false-positive volume on lesion-free cases)", _SECONDARY, secondary,
-              label=("model", "task", "regime", "seed")),
+        Table("Secondary test metrics (classification AUC; segmentation Dice with the all-empty convention, Dice on "
+              "the lesion cases given ADC and given DWI, false-positive volume on lesion-free cases)", _SECONDARY,
+              secondary, label=("model", "task", "regime", "seed"), sentence=_secondary_sentence(secondary)),
         Table("Missing or excluded runs", _EXCLUDED, [vars(e) for e in selection.excluded],
               label=("run_id",), sentence=f"{_count(len(selection.excluded), 'run')} not used, each with its reason."),
     ]  # fmt: skip

@@ -26,6 +26,7 @@ from common.contract import (
     METRIC_TEST,
     METRIC_TEST_AUC,
     METRIC_TEST_DICE_ALL,
+    METRIC_TEST_DICE_ON,
     METRIC_TEST_FP_VOLUME,
     PREDICTIONS_ARTIFACT,
     TAG_BASELINE,
@@ -173,6 +174,7 @@ class Selection:
                 "beats_baseline": ("yes" if r.beats_baseline() else "no") if math.isfinite(r.baseline) else "",
                 "test_auc": r.metric(METRIC_TEST_AUC),
                 "test_dice_all": r.metric(METRIC_TEST_DICE_ALL),
+                **{key: r.metric(key) for key in METRIC_TEST_DICE_ON.values()},
                 "test_fp_volume_ml": r.metric(METRIC_TEST_FP_VOLUME),
             }
             for _, r in sorted(self.runs.items())

@@ -33,6 +33,7 @@ from common.contract import (
     METRIC_TEST,
     METRIC_TEST_AUC,
     METRIC_TEST_DICE_ALL,
+    METRIC_TEST_DICE_ON,
     METRIC_TEST_FP_VOLUME,
     PREDICTIONS_ARTIFACT,
     TAG_BASELINE,
@@ -50,6 +51,9 @@ from .engine import unwrap_model
 __all__ = ["DICE_CONVENTIONS", "FeatureSnapshots", "TestPredictions", "collect_ids", "evaluating", "resolve_device"]
 
 logger = logging.getLogger(__name__)
+
+#: batch key of the diffusion map a segmentation case was given (``common.transforms.pipelines``, ``records``)
+DIFFUSION_KEY = "diffusion"
 
 _METRIC_KWARGS: dict[str, frozenset[str]] = {
     "specificity_at_sensitivity": frozenset({"sensitivity", "positive_class"}),
@@ -340,7 +344,9 @@ class TestPredictions:
       ``dice_convention="lesion_cases"`` (default) P is the mean over the cases that have a lesion (``per_image`` is
       NaN for the others) and the predicted lesion volume on the lesion-free cases is logged beside it
       (``test_fp_volume_ml``); ``"all_cases"`` scores an empty prediction of a lesion-free case 1 and averages
-      over all cases (``test_dice_all``, logged under either convention).
+      over all cases (``test_dice_all``, logged under either convention). Where the batches record the diffusion
+      map each case was given (``diffusion``, the segmentation pipeline's draw), P over each map's cases is logged
+      too (``test_dice_adc``, ``test_dice_dwi``) and the map of every case is saved as ``diffusion``.
     - ``ssim`` (the image tasks): the ``(B, C, H, W, D)`` image clipped to [0, 1] vs the target image, SSIM per
       image by :func:`~common.metrics.compute_ssim_3d`; ``per_image`` and its mean.
     - ``specificity_at_sensitivity`` (classification): ``(B, K)`` logits -> ``scores`` ``(N, K)`` softmax
@@ -496,12 +502,14 @@ class TestPredictions:
         baselines = self._baselines()
         names = baselines.names if baselines is not None else ()
         ids: list[str] = []
+        maps: list[str] = []  # the diffusion map each image was given, where the batches record it
         values: dict[str, list[np.ndarray]] = {}
         voxel_ml: list[float] = []
         with evaluating(model, device, self.amp):
             for batch in self.data_loader:
                 image = _plain(batch[self.image_key]).to(device)
                 ids.extend(collect_ids(batch, self.id_key, image.shape[0]))
+                maps.extend(str(m) for m in batch.get(DIFFUSION_KEY, [""] * image.shape[0]))
                 if self.label_key not in batch:
                     raise ValueError(f"TestPredictions: the batch has no {self.label_key!r} entry.")
                 label = batch[self.label_key]
@@ -528,6 +536,12 @@ class TestPredictions:
             self.metrics[METRIC_TEST_DICE_ALL] = float(arrays.pop("dice_all").mean())
             fp_ml = arrays.pop("fp_voxels") * np.asarray(voxel_ml)
             self.metrics[METRIC_TEST_FP_VOLUME] = float(np.nanmean(fp_ml)) if np.isfinite(fp_ml).any() else math.nan
+            if any(maps):
+                arrays[DIFFUSION_KEY] = np.asarray(maps, dtype=str)
+                for name, key in METRIC_TEST_DICE_ON.items():
+                    own = arrays["per_image"][arrays[DIFFUSION_KEY] == name]
+                    if np.isfinite(own).any():
+                        self.metrics[key] = float(np.nanmean(own))
         self.baseline_values = {name: self._performance(arrays, f"baseline_{name}_") for name in names}
         best = self._best_baseline()
         if best is not None:

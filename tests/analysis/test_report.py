@@ -114,3 +114,20 @@ def test_cost_sentence_uses_wall_time_when_no_run_logged_gpu_hours(tmp_path: Pat
     header = next(line for line in md.splitlines() if line.startswith("| fm | task | gpu_hours_finetune"))
     assert "| wall_ratio |" in header
     assert "| provicnet | segmentation | 0 | 0 | - | 100 | 200 | 0.5 |" in md
+
+
+def test_secondary_table_counts_segmentation_runs_that_read_one_diffusion_map(tmp_path: Path) -> None:
+    def run(regime: str, adc: float, dwi: float) -> dict[str, object]:
+        return {"model": "profound", "task": "segmentation", "regime": regime, "seed": 0, "test_metric": 0.2,
+                "test_auc": math.nan, "test_dice_all": 0.4, "test_dice_adc": adc, "test_dice_dwi": dwi,
+                "test_fp_volume_ml": 1.0}  # fmt: skip
+
+    rows = [run("finetune", 0.0, 0.31), run("scratch", 0.12, 0.25), run("random", math.nan, 0.3)]
+    selection = SimpleNamespace(rows=lambda: rows, excluded=[])
+    md_path, _ = write_report(tmp_path, "s", "s", "sqlite:///x.db", ["demo"], {}, result([]), selection)
+    md = md_path.read_text()
+    assert ("1 of 2 segmentation runs with Dice per diffusion map found lesions on the cases given one map only "
+            "(Dice 0 on the other's)") in md  # fmt: skip
+    assert "| profound | segmentation | finetune | 0 |  | 0.4 | 0 | 0.31 | 1 |" in md
+    assert "| profound | segmentation | random | 0 |  | 0.4 | - | 0.3 | 1 |" in md
+    assert "`test_dice_adc` for profound/segmentation/random/0: the segmentation run logged no test_dice_adc" in md

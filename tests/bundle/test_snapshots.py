@@ -424,3 +424,28 @@ def test_classification_scores_labels_and_specificity(tmp_path: Path) -> None:
     pairs = [(p > n) + 0.5 * (p == n) for p in score[positive] for n in score[~positive]]
     assert predictions.metrics["test_auc"] == pytest.approx(np.mean(pairs))
     assert predictions.beats_baseline == (expected > 0.0)
+
+
+def test_segmentation_dice_per_diffusion_map(tmp_path: Path) -> None:
+    # the same three lesion cases and one lesion-free case, each recorded with the diffusion map it was given
+    spot = torch.zeros(1, *SHAPE)
+    spot[0, 2:4, 2:5, 1:3] = 1.0
+    found, missed = spot.clone(), torch.zeros(1, *SHAPE)
+    cases = [(found, spot, "dwi"), (missed, spot, "adc"), (found, spot, "adc"), (missed, torch.zeros(1, *SHAPE), "adc")]
+    items = [{"image": MetaTensor(x), "label": MetaTensor(y), "id": f"p{i}", "diffusion": m}
+             for i, (x, y, m) in enumerate(cases)]  # fmt: skip
+    predictions = TestPredictions(
+        data_loader=_loader(items), network=_threshold_net(10.0, -5.0), task="segmentation", output_dir=tmp_path
+    )
+    value = predictions.run()
+    assert value == pytest.approx(2 / 3)  # Dice 1, 0, 1 on the lesion cases
+    assert predictions.metrics["test_dice_dwi"] == pytest.approx(1.0)
+    assert predictions.metrics["test_dice_adc"] == pytest.approx(0.5)  # the lesion-free ADC case does not count
+    assert _load(tmp_path / "test" / "predictions.npz")["diffusion"].tolist() == ["dwi", "adc", "adc", "adc"]
+
+    only_adc = TestPredictions(
+        data_loader=_loader(items[1:]), network=_threshold_net(10.0, -5.0), task="segmentation",
+        output_dir=tmp_path / "adc",
+    )  # fmt: skip
+    only_adc.run()
+    assert "test_dice_dwi" not in only_adc.metrics and only_adc.metrics["test_dice_adc"] == pytest.approx(0.5)

@@ -29,6 +29,7 @@ __all__ = [
     "METRIC_BASELINE",
     "METRIC_TEST",
     "METRIC_TEST_AUC",
+    "DIFFUSION_KEY",
     "METRIC_TEST_DICE_ALL",
     "METRIC_TEST_DICE_ON",
     "METRIC_TEST_FP_VOLUME",
@@ -100,6 +101,8 @@ METRIC_BASELINE = "baseline_metric"
 METRIC_TEST_AUC = "test_auc"
 #: segmentation: Dice with the all-empty convention (a lesion-free case predicted empty scores 1)
 METRIC_TEST_DICE_ALL = "test_dice_all"
+#: segmentation: the batch key and ``predictions.npz`` array naming the diffusion map each case was given
+DIFFUSION_KEY = "diffusion"
 #: segmentation: P over the test cases given each diffusion map (the input draws ADC or DWI per case), so that a
 #: model that reads only one of the two maps shows as such
 METRIC_TEST_DICE_ON: dict[str, str] = {"adc": "test_dice_adc", "dwi": "test_dice_dwi"}

@@ -47,7 +47,7 @@ from common.analysis.tables import (
     cost_row,
     write_csv,
 )
-from common.contract import LAYERS, METRIC_TEST, PREDICTIONS_ARTIFACT, TAG_BASELINE
+from common.contract import LAYERS, METRIC_TEST, METRIC_TEST_DICE_ON, PREDICTIONS_ARTIFACT, TAG_BASELINE
 from common.foundation_models import FOUNDATION_MODELS
 from common.tasks import TASKS
 
@@ -60,7 +60,7 @@ logger = logging.getLogger(__name__)
 TRAJECTORY_COLUMNS: tuple[str, ...] = ("fm", "task", "seed", "epoch", "d2p")
 SELECTED_COLUMNS: tuple[str, ...] = ("run_id", "run_name", "model", "task", "regime", "seed", "profile", "bundle",
                                      "bundle_version", "git_commit", "test_metric", "baseline_metric", "baseline_name",
-                                     "beats_baseline", "test_auc", "test_dice_all", "test_dice_adc", "test_dice_dwi",
+                                     "beats_baseline", "test_auc", "test_dice_all", *METRIC_TEST_DICE_ON.values(),
                                      "test_fp_volume_ml")  # fmt: skip
 LAYER_OPTIONS: tuple[str, ...] = ("auto", *LAYERS)
 EXCLUDED_COLUMNS: tuple[str, ...] = ("run_id", "run_name", "model", "task", "regime", "seed", "status", "reason")

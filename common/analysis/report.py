@@ -24,7 +24,7 @@ from typing import Any
 from common.alignment.gain import NEAR_ZERO_REFERENCE
 from common.analysis.figures import empty_figures
 from common.analysis.tables import MIN_TASKS
-from common.contract import LAYER_KINDS
+from common.contract import LAYER_KINDS, METRIC_TEST_DICE_ON
 from common.tasks import TASKS
 
 __all__ = ["MARK", "Table", "format_value", "write_report"]
@@ -45,8 +45,8 @@ _COST = ("fm", "task", "gpu_hours_finetune", "gpu_hours_scratch", "ratio", "wall
          "wall_seconds_scratch", "wall_ratio", "epochs_to_95_finetune", "epochs_to_95_scratch")  # fmt: skip
 _SELECTED = ("run_id", "run_name", "model", "task", "regime", "seed", "test_metric", "baseline_metric",
              "baseline_name", "beats_baseline", "profile", "bundle_version", "git_commit")  # fmt: skip
-_SECONDARY = ("model", "task", "regime", "seed", "test_auc", "test_dice_all", "test_dice_adc", "test_dice_dwi",
-              "test_fp_volume_ml")  # fmt: skip
+_SEGMENTATION_SECONDARY = ("test_dice_all", *METRIC_TEST_DICE_ON.values(), "test_fp_volume_ml")
+_SECONDARY = ("model", "task", "regime", "seed", "test_auc", *_SEGMENTATION_SECONDARY)
 _EXCLUDED = ("run_id", "run_name", "model", "task", "regime", "seed", "status", "reason")
 _FIGURES = (
     ("fig1b_scratch_vs_finetune", "Finetune vs scratch per metric, marker area by D2S, star = trivial baseline "
@@ -95,10 +95,11 @@ _DEFAULT_WHY = {
     "test_auc": "the classification run logged no test_auc",
     "test_dice_all": "the segmentation run logged no test_dice_all",
     "test_fp_volume_ml": "the segmentation run logged no test_fp_volume_ml",
-    "test_dice_adc": "the segmentation run logged no test_dice_adc (no test case with a lesion was given ADC, or a "
-    "bundle from before the per-map Dice)",
-    "test_dice_dwi": "the segmentation run logged no test_dice_dwi (no test case with a lesion was given DWI, or a "
-    "bundle from before the per-map Dice)",
+    **{
+        key: f"the segmentation run logged no {key} (no test case with a lesion was given {name.upper()}, or a bundle "
+        "from before the per-map Dice)"
+        for name, key in METRIC_TEST_DICE_ON.items()
+    },
 }
 
 
@@ -196,10 +197,11 @@ def _below_sentence(result: Any) -> str:
 
 def _secondary_sentence(rows: Sequence[Mapping[str, object]]) -> str:
     """How many segmentation runs found lesions on the cases of only one diffusion map (Dice 0 on the other's)."""
-    both = [r for r in rows if all(math.isfinite(_num(r.get(k))) for k in ("test_dice_adc", "test_dice_dwi"))]
+    keys = tuple(METRIC_TEST_DICE_ON.values())
+    both = [r for r in rows if all(math.isfinite(_num(r.get(k))) for k in keys)]
     if not both:
         return ""
-    one = [r for r in both if (_num(r["test_dice_adc"]) > 0) != (_num(r["test_dice_dwi"]) > 0)]
+    one = [r for r in both if len({_num(r[k]) > 0 for k in keys}) > 1]
     return (f"{len(one)} of {_count(len(both), 'segmentation run')} with Dice per diffusion map found lesions on the "
             "cases given one map only (Dice 0 on the other's): such a model read one of the two maps.")  # fmt: skip
 
@@ -277,7 +279,7 @@ def _tables(result: Any, selection: Any, option: object) -> tuple[list[Table], l
         if entry is None:
             continue
         if entry.classification:
-            secondary.append({**r, **dict.fromkeys(_SECONDARY[5:], "")})
+            secondary.append({**r, **dict.fromkeys(_SEGMENTATION_SECONDARY, "")})
         elif entry.metric == "dice":
             secondary.append({**r, "test_auc": ""})
     head = [

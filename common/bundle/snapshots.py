@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from common.contract import (
+    DIFFUSION_KEY,
     LAYERS,
     METRIC_BASELINE,
     METRIC_TEST,
@@ -51,9 +52,6 @@ from .engine import unwrap_model
 __all__ = ["DICE_CONVENTIONS", "FeatureSnapshots", "TestPredictions", "collect_ids", "evaluating", "resolve_device"]
 
 logger = logging.getLogger(__name__)
-
-#: batch key of the diffusion map a segmentation case was given (``common.transforms.pipelines``, ``records``)
-DIFFUSION_KEY = "diffusion"
 
 _METRIC_KWARGS: dict[str, frozenset[str]] = {
     "specificity_at_sensitivity": frozenset({"sensitivity", "positive_class"}),

@@ -639,8 +639,8 @@ class ProViCNetPretrainer(nn.Module):
         s_logits = self.student.dino_head(feats["x_norm_clstoken"]).chunk(2)
         dino_loss = dino_cls_loss(s_logits, t_probs, self.student_temp)
         # dinov2 sums the term over the global views; a view of one image has no neighbour, so its term is 0
-        n = x.shape[0]
-        koleo = sum(koleo_loss(c) for c in feats["x_norm_clstoken"].chunk(2)) if n > 1 else dino_loss.new_zeros(())
+        cls_views = feats["x_norm_clstoken"].chunk(2)
+        koleo = sum(koleo_loss(c) for c in cls_views) if x.shape[0] > 1 else dino_loss.new_zeros(())
 
         terms = []
         if lesion is not None:

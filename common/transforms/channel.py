@@ -9,6 +9,7 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, Randomizable
 
+from common.contract import DIFFUSION_KEY
 from common.transforms._random import case_id_of, case_rng
 
 __all__ = ["RandDiffusionChoiced"]
@@ -37,7 +38,7 @@ class RandDiffusionChoiced(Randomizable, MapTransform):
         t2w_key: str = "t2w",
         diffusion_keys: Sequence[str] = ("adc", "dwi"),
         output_key: str = "image",
-        choice_key: str = "diffusion",
+        choice_key: str = DIFFUSION_KEY,
         seed: int = 0,
         deterministic_per_case: bool = False,
         id_key: str = "id",

@@ -46,6 +46,7 @@ from monai.transforms import (
 )
 from monai.utils.module import locate
 
+from common.contract import DIFFUSION_KEY
 from common.profiles import Profile, get_profile
 from common.tasks import get_task, task_ids
 from common.transforms.channel import RandDiffusionChoiced
@@ -217,7 +218,7 @@ def classification_steps(seed: int, deterministic: bool) -> TaskSteps:
 def segmentation_steps(seed: int, deterministic: bool) -> TaskSteps:
     """Lesion -> ``label``; ``image`` = [T2W, ADC or DWI], the diffusion map drawn per case (recorded)."""
     choose = RandDiffusionChoiced(seed=seed, deterministic_per_case=deterministic)
-    return TaskSteps([_MoveItemsd(["lesion"], ["label"])], ("t2w", "adc", "dwi", "label"), [choose], ("diffusion",))
+    return TaskSteps([_MoveItemsd(["lesion"], ["label"])], ("t2w", "adc", "dwi", "label"), [choose], (DIFFUSION_KEY,))
 
 
 def super_resolution_steps(seed: int, deterministic: bool) -> TaskSteps:

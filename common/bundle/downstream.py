@@ -196,7 +196,7 @@ def _image_output(output):
 #: the task metric -> (the Ignite handler of the validation evaluator, its output transform)
 _VALIDATION_HANDLERS: dict[str, tuple[type, Callable, dict]] = {
     "specificity_at_sensitivity": (SpecificityAtSensitivityHandler, _pred_label, {}),
-    "dice": (BinaryDiceHandler, _segmentation_output, {"save_details": False}),
+    "dice": (BinaryDiceHandler, _segmentation_output, {"save_details": False, "lesion_cases_only": True}),
     "ssim": (SSIM3DHandler, _image_output, {"save_details": False}),
 }
 
@@ -204,7 +204,8 @@ _VALIDATION_HANDLERS: dict[str, tuple[type, Callable, dict]] = {
 def validation_metric(task: str, **kwargs: object):
     """The Ignite handler of ``task``'s metric for the validation evaluator (``decollate=False``), with the output
     transform that post-processes a batch: specificity at sensitivity 0.9 of the PI-RADS >= 3 cut (classification),
-    Dice of the argmax mask (segmentation), 3D SSIM of the output clamped to [0, 1] (the image tasks)."""
+    Dice of the argmax mask on the lesion cases (segmentation, the convention of its test P), 3D SSIM of the output
+    clamped to [0, 1] (the image tasks)."""
     handler, transform, defaults = _VALIDATION_HANDLERS[get_task(task).metric]
     return handler(output_transform=transform, **{**defaults, **kwargs})
 

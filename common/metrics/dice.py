@@ -74,10 +74,16 @@ class BinaryDiceMetric(CumulativeIterationMetric):
         empty_value: Dice of a case where prediction and reference are both empty (1.0, or nan to exclude it).
         threshold: the foreground threshold for single-channel predictions (0.5; 0.0 for logits).
         reduction: a ``monai.utils.MetricReduction`` over the ``(N, 1)`` per-case values; nan values are skipped.
+        lesion_cases_only: score only cases whose reference has a lesion (the study's P, DESIGN.md section 4): a
+            lesion-free case is nan whatever the prediction, so the mean is the Dice on lesion cases.
     """
 
     def __init__(
-        self, empty_value: float = 1.0, threshold: float = 0.5, reduction: MetricReduction | str = MetricReduction.MEAN
+        self,
+        empty_value: float = 1.0,
+        threshold: float = 0.5,
+        reduction: MetricReduction | str = MetricReduction.MEAN,
+        lesion_cases_only: bool = False,
     ) -> None:
         super().__init__()
         try:
@@ -88,10 +94,15 @@ class BinaryDiceMetric(CumulativeIterationMetric):
             ) from e
         self.empty_value = float(empty_value)
         self.threshold = float(threshold)
+        self.lesion_cases_only = bool(lesion_cases_only)
 
     def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         """``(B, C, *spatial)`` prediction and reference -> ``(B, 1)`` Dice."""
-        return compute_dice(y_pred, y, empty_value=self.empty_value, threshold=self.threshold)[:, None]
+        dice = compute_dice(y_pred, y, empty_value=self.empty_value, threshold=self.threshold)
+        if self.lesion_cases_only:
+            lesion = _foreground(y.detach().to(dice.device), None).flatten(1).any(dim=1)
+            dice = torch.where(lesion, dice, torch.full_like(dice, float("nan")))
+        return dice[:, None]
 
     def aggregate(self) -> torch.Tensor:  # type: ignore[override]
         """The reduced Dice over all cases seen since the last ``reset()``."""

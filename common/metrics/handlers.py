@@ -69,6 +69,7 @@ class BinaryDiceHandler(IgniteMetricHandler):
         reduction: reduction over cases (nan skipped).
         output_transform: ``engine.state.output -> (y_pred, y)``.
         save_details: whether to store the per-case values in ``engine.state.metric_details[name]``.
+        lesion_cases_only: nan for every lesion-free case, so the value is the Dice on lesion cases (the study's P).
     """
 
     def __init__(
@@ -78,8 +79,11 @@ class BinaryDiceHandler(IgniteMetricHandler):
         reduction: MetricReduction | str = MetricReduction.MEAN,
         output_transform: Callable = _identity,
         save_details: bool = True,
+        lesion_cases_only: bool = False,
     ) -> None:
-        metric = BinaryDiceMetric(empty_value=empty_value, threshold=threshold, reduction=reduction)
+        metric = BinaryDiceMetric(
+            empty_value=empty_value, threshold=threshold, reduction=reduction, lesion_cases_only=lesion_cases_only
+        )
         super().__init__(metric_fn=metric, output_transform=output_transform, save_details=save_details)
 
 

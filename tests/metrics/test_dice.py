@@ -88,3 +88,13 @@ def test_cumulative_metric_with_nan_exclusion() -> None:
     assert torch.isnan(metric.get_buffer()[1, 0])  # the buffer is not modified by the reduction
     with pytest.raises(ValueError, match="reduction"):
         BinaryDiceMetric(reduction="median")
+
+
+def test_lesion_cases_only_leaves_out_every_lesion_free_case() -> None:
+    pred, target = _hand_masks()  # case 1 both empty, case 2 a false positive on an empty reference
+    metric = BinaryDiceMetric(lesion_cases_only=True)
+    metric(pred, target)
+    values = metric.get_buffer()[:, 0]
+    assert values[0].item() == pytest.approx(4 / 7)
+    assert torch.isnan(values[1:]).all()  # lesion-free: nan with and without a false positive
+    assert metric.aggregate().item() == pytest.approx(4 / 7)  # the Dice on lesion cases, the test P

@@ -59,6 +59,11 @@ CASES = {
         _segmentation,
         lambda p, y: compute_dice(p, y).mean().item(),
     ),
+    "dice_lesion_cases": (
+        lambda: BinaryDiceHandler(lesion_cases_only=True, output_transform=from_engine(["pred", "label"])),
+        _segmentation,
+        lambda p, y: compute_dice(p, y)[y.flatten(1).any(dim=1)].mean().item(),
+    ),
     "ssim": (
         lambda: SSIM3DHandler(win_size=(5, 5, 3), output_transform=from_engine(["pred", "label"])),
         _images,

@@ -11,6 +11,8 @@ Measured before this wrapper, demo profile: the FM finetunes reached Dice 0.04 o
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -39,6 +41,14 @@ class RefinedDense(WrappedNetwork):
         out_channels: ``C_out``. Default 2 (background and lesion logits).
         refine_channels: width of the refinement's hidden layers; 0 builds none. Default 8.
         refine_layers: hidden 3x3x3 convolutions before the zero-initialised one. Default 1.
+        foreground_prior: None (default) or ``pi`` in (0, 1): the zero-initialised layer's bias starts at
+            ``log(pi / (1 - pi))`` on every channel but the first (background), so that at step 0 the output is the
+            wrapped network's logits plus that constant, and a two-class softmax gives each voxel about ``pi``
+            foreground (the prior initialisation of Lin et al., "Focal Loss for Dense Object Detection", ICCV 2017,
+            section 3.3). Small lesions are ~0.1 % of a volume; starting at ``pi = 0.01`` instead of ~0.5 spares the
+            first steps from removing false positives everywhere. Measured on the demo cohort, ProFound segmentation
+            finetune, 720 steps: without it the model collapsed to the empty mask (Dice 0 on lesion cases), with
+            ``pi = 0.01`` it reached 0.176.
 
     Shapes: ``(B, C_in, H, W, D) -> (B, C_out, H, W, D)``.
 
@@ -54,6 +64,7 @@ class RefinedDense(WrappedNetwork):
         out_channels: int = 2,
         refine_channels: int = 8,
         refine_layers: int = 1,
+        foreground_prior: float | None = None,
     ) -> None:
         super().__init__(network)
         if in_channels < 1 or out_channels < 1 or refine_channels < 0 or refine_layers < 1:
@@ -68,6 +79,15 @@ class RefinedDense(WrappedNetwork):
             self.refine = FullResolutionRefinement(
                 in_channels + out_channels, out_channels, refine_channels, refine_layers
             )
+        self.foreground_prior = foreground_prior
+        if foreground_prior is not None:
+            if not 0.0 < foreground_prior < 1.0 or self.refine is None or out_channels < 2:
+                raise ValueError(
+                    "RefinedDense: foreground_prior needs 0 < prior < 1, a refinement and out_channels >= 2, got "
+                    f"{foreground_prior}, refine_channels={refine_channels}, out_channels={out_channels}."
+                )
+            with torch.no_grad():
+                self.refine.out.bias[1:] = math.log(foreground_prior / (1.0 - foreground_prior))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C_in, H, W, D) -> (B, C_out, H, W, D)``."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -37,6 +39,21 @@ def test_refined_dense_starts_as_the_plain_network_and_then_reads_the_input() ->
     assert model.representation_kinds() == plain.representation_kinds()
     assert set(model.forward_representations(x)) == set(plain.forward_representations(x))
     assert RefinedDense(_dense(), refine_channels=0).refine is None
+
+
+def test_refined_dense_foreground_prior_starts_every_voxel_at_the_prior() -> None:
+    model = RefinedDense(_dense(), foreground_prior=0.01)
+    x = _x()
+    with torch.no_grad():
+        logits, plain = model(x), model.network(x)
+    offset = torch.tensor([0.0, math.log(0.01 / 0.99)]).view(1, 2, 1, 1, 1)
+    torch.testing.assert_close(logits, plain + offset)  # the plain logits plus the constant prior logit
+    # a network whose own logits are equal for both classes gives exactly the prior
+    flat = torch.softmax(torch.zeros(1, 2, 1, 1, 1) + offset, dim=1)[0, 1].item()
+    assert flat == pytest.approx(0.01)
+    for bad in ({"foreground_prior": 0.0}, {"foreground_prior": 1.0}, {"foreground_prior": 0.1, "refine_channels": 0}):
+        with pytest.raises(ValueError, match="foreground_prior"):
+            RefinedDense(_dense(), **bad)
 
 
 def test_refined_dense_errors() -> None:

@@ -1,6 +1,6 @@
-"""The main job until the study runner exists: make the cohort, run the five tasks' pipelines, show what they give.
+"""A look at the data before a study: make the cohort, run the five tasks' pipelines, show what they give.
 
-``python -m common.data.overview --profile smoke --out results`` (what ``./vfm run`` calls):
+``python -m common.data.overview --profile smoke --out results``:
 
 1. makes the synthetic cohort for the profile under ``<out>/cohort-<profile>/`` (or reuses it when its datalist
    records the same seed, size and case count), or takes ``--datalist`` for a real cohort;
@@ -214,7 +214,7 @@ def run_overview(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="./vfm run", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m common.data.overview", description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", default="smoke", choices=sorted(PROFILES), help="sizes and cohort (smoke)")
     parser.add_argument("--out", type=Path, default=Path("results"), help="output folder (results/)")
     parser.add_argument("--seed", type=int, default=0, help="cohort and pipeline seed (0)")

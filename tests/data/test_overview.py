@@ -1,4 +1,4 @@
-"""The main job (``./vfm run``) end to end on a small cohort, through its real CLI."""
+"""The data overview (``python -m common.data.overview``) end to end on a small cohort, through its real CLI."""
 
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ from monai.metrics import CumulativeIterationMetric
 from monai.metrics.utils import do_metric_reduction
 from monai.utils import MetricReduction
 
-__all__ = ["BinaryDiceMetric", "compute_dice"]
+__all__ = ["BinaryDiceMetric", "compute_dice", "has_lesion"]
 
 
 def _foreground(x: torch.Tensor, threshold: float | None) -> torch.Tensor:
@@ -15,6 +15,12 @@ def _foreground(x: torch.Tensor, threshold: float | None) -> torch.Tensor:
     if x.shape[1] == 1:
         return x[:, 0] > (0.5 if threshold is None else threshold)
     return x.argmax(dim=1) != 0
+
+
+def has_lesion(target: torch.Tensor) -> torch.Tensor:
+    """``(B, C, *spatial)`` reference -> ``(B,)`` bool: whether each case's reference has a lesion (the foreground rules
+    of :func:`compute_dice`); the cases the study's P averages over."""
+    return _foreground(target.detach(), None).flatten(1).any(dim=1)
 
 
 def compute_dice(
@@ -100,8 +106,7 @@ class BinaryDiceMetric(CumulativeIterationMetric):
         """``(B, C, *spatial)`` prediction and reference -> ``(B, 1)`` Dice."""
         dice = compute_dice(y_pred, y, empty_value=self.empty_value, threshold=self.threshold)
         if self.lesion_cases_only:
-            lesion = _foreground(y.detach().to(dice.device), None).flatten(1).any(dim=1)
-            dice = torch.where(lesion, dice, torch.full_like(dice, float("nan")))
+            dice = torch.where(has_lesion(y).to(dice.device), dice, torch.full_like(dice, float("nan")))
         return dice[:, None]
 
     def aggregate(self) -> torch.Tensor:  # type: ignore[override]

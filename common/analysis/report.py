@@ -207,6 +207,8 @@ def _secondary_sentence(rows: Sequence[Mapping[str, object]]) -> str:
 
 
 def _correlation_sentence(rows: Sequence[Mapping[str, object]]) -> str:
+    """How many headline correlations are significant, how many of those have a bootstrap interval clear of 0 and no
+    warning (fewer than five tasks, mixed layer kinds, a distance that is 0), and how many carry each warning."""
     finite = [r for r in rows if math.isfinite(_num(r["pearson_r"]))]
     if not finite:
         return "No headline correlation could be computed."
@@ -214,8 +216,11 @@ def _correlation_sentence(rows: Sequence[Mapping[str, object]]) -> str:
     ci_clear = [r for r in significant if _num(r["ci_low"]) > 0 or _num(r["ci_high"]) < 0]
     few = [r for r in finite if int(_num(r["n_tasks"])) < MIN_TASKS]
     mixed = [r for r in finite if "mixes layer kinds" in str(r.get("warning", ""))]
+    unflagged = [r for r in ci_clear if not str(r.get("warning") or "").strip()]
     text = (f"{len(significant)} of {_count(len(finite), 'computed correlation')} have p < 0.05, {len(ci_clear)} of "
             f"them with a bootstrap interval that excludes 0")  # fmt: skip
+    if ci_clear:
+        text += f" and {len(unflagged)} of those with no warning (the only ones to read as a finding)"
     if few:
         text += f"; {len(few)} rest on fewer than {MIN_TASKS} tasks"
     if mixed:

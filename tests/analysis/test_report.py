@@ -131,3 +131,26 @@ def test_secondary_table_counts_segmentation_runs_that_read_one_diffusion_map(tm
     assert "| profound | segmentation | finetune | 0 |  | 0.4 | 0 | 0.31 | 1 |" in md
     assert "| profound | segmentation | random | 0 |  | 0.4 | - | 0.3 | 1 |" in md
     assert "`test_dice_adc` for profound/segmentation/random/0: the segmentation run logged no test_dice_adc" in md
+
+
+def correlation(r: float, p: float, ci: tuple[float, float], n_tasks: int, warning: str) -> dict[str, object]:
+    return {"fm": "provicnet", "layer": "encoder", "distance": "d2p", "reference": "random", "pearson_r": r,
+            "pearson_p": p, "spearman_rho": r, "ci_low": ci[0], "ci_high": ci[1], "n_tasks": n_tasks,
+            "warning": warning}  # fmt: skip
+
+
+def test_correlation_sentence_counts_the_significant_ones_that_carry_no_warning(tmp_path: Path) -> None:
+    rows = [
+        correlation(0.99, 0.001, (0.5, 0.99), 5, ""),  # significant, interval clear of 0, no warning
+        correlation(0.98, 0.01, (0.3, 0.99), 4, "only 4 of 5 tasks"),  # significant and clear, but flagged
+        correlation(0.95, 0.02, (-0.2, 0.99), 5, ""),  # significant, interval includes 0
+        correlation(0.30, 0.60, (-0.8, 0.9), 5, "mixes layer kinds a: x, b: y"),
+        correlation(math.nan, math.nan, (math.nan, math.nan), 1, "only 1 of 5 tasks"),  # not computed
+    ]
+    res = result([alignment("distortion_correction", 0.96, 0.8, 0.94)])
+    res.headline_correlations = rows
+    md_path, _ = write_report(tmp_path, "s", "s", "sqlite:///x.db", ["demo"], {"layer": "auto"}, res,
+                              SimpleNamespace(rows=lambda: [], excluded=[]))  # fmt: skip
+    assert ("3 of 4 computed correlations have p < 0.05, 2 of them with a bootstrap interval that excludes 0 and 1 of "
+            "those with no warning (the only ones to read as a finding); 1 rest on fewer than 5 tasks; 1 mix layers "
+            "of different kinds.") in md_path.read_text()  # fmt: skip

@@ -208,7 +208,8 @@ def _secondary_sentence(rows: Sequence[Mapping[str, object]]) -> str:
 
 def _correlation_sentence(rows: Sequence[Mapping[str, object]]) -> str:
     """How many headline correlations are significant, how many of those have a bootstrap interval clear of 0 and no
-    warning (fewer than five tasks, mixed layer kinds, a distance that is 0), and how many carry each warning."""
+    warning (fewer than five tasks, mixed layer kinds, a distance that is 0), and how many rest on fewer than five tasks
+    or mix layer kinds."""
     finite = [r for r in rows if math.isfinite(_num(r["pearson_r"]))]
     if not finite:
         return "No headline correlation could be computed."

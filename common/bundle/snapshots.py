@@ -42,7 +42,14 @@ from common.contract import (
     baseline_metric_name,
     feature_file_name,
 )
-from common.metrics import compute_auc, compute_dice, compute_specificity_at_sensitivity, compute_ssim_3d, has_lesion
+from common.metrics import (
+    compute_auc,
+    compute_dice,
+    compute_specificity_at_sensitivity,
+    compute_ssim_3d,
+    foreground,
+    has_lesion,
+)
 from common.metrics.baselines import TrivialBaselines
 from common.tasks import get_task
 
@@ -467,8 +474,7 @@ class TestPredictions:
         if self.spec.metric != "dice":
             return {"per_image": compute_ssim_3d(pred.float().clamp(0.0, 1.0), label.float(), **self.metric_kwargs)}
         dice_all = compute_dice(pred, label, **self.metric_kwargs)
-        threshold = self.metric_kwargs.get("threshold", 0.5)
-        predicted = (pred[:, 1:].sum(dim=1) > 0) if pred.shape[1] >= 2 else (pred[:, 0] > threshold)
+        predicted = foreground(pred, self.metric_kwargs.get("threshold", 0.5))
         lesion = has_lesion(label)
         per_image = dice_all if self.dice_convention == "all_cases" else torch.where(lesion, dice_all, math.nan)
         fp = torch.where(lesion, 0.0, predicted.reshape(pred.shape[0], -1).sum(dim=1).double())

@@ -15,7 +15,7 @@ from .classification import (
     compute_pirads_specificity_at_sensitivity,
     compute_specificity_at_sensitivity,
 )
-from .dice import BinaryDiceMetric, compute_dice, has_lesion
+from .dice import BinaryDiceMetric, compute_dice, foreground, has_lesion
 from .handlers import AUCHandler, BinaryDiceHandler, SpecificityAtSensitivityHandler, SSIM3DHandler
 from .ssim import SSIM3DMetric, compute_ssim_3d
 
@@ -30,6 +30,7 @@ __all__ = [
     "SpecificityAtSensitivityMetric",
     "compute_auc",
     "compute_dice",
+    "foreground",
     "has_lesion",
     "compute_pirads_auc",
     "compute_pirads_positive_probability",

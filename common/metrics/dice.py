@@ -7,11 +7,12 @@ from monai.metrics import CumulativeIterationMetric
 from monai.metrics.utils import do_metric_reduction
 from monai.utils import MetricReduction
 
-__all__ = ["BinaryDiceMetric", "compute_dice", "has_lesion"]
+__all__ = ["BinaryDiceMetric", "compute_dice", "foreground", "has_lesion"]
 
 
-def _foreground(x: torch.Tensor, threshold: float | None) -> torch.Tensor:
-    """``(B, C, *spatial)`` -> ``(B, *spatial)`` bool foreground (rules in :func:`compute_dice`)."""
+def foreground(x: torch.Tensor, threshold: float | None = None) -> torch.Tensor:
+    """``(B, C, *spatial)`` -> ``(B, *spatial)`` bool foreground: ``C == 1`` above ``threshold`` (default 0.5), else
+    ``argmax != 0``; the one rule of :func:`compute_dice`, :func:`has_lesion` and the false-positive volume."""
     if x.shape[1] == 1:
         return x[:, 0] > (0.5 if threshold is None else threshold)
     return x.argmax(dim=1) != 0
@@ -20,7 +21,7 @@ def _foreground(x: torch.Tensor, threshold: float | None) -> torch.Tensor:
 def has_lesion(target: torch.Tensor) -> torch.Tensor:
     """``(B, C, *spatial)`` reference -> ``(B,)`` bool: whether each case's reference has a lesion (the foreground rules
     of :func:`compute_dice`); the cases the study's P averages over."""
-    return _foreground(target.detach(), None).flatten(1).any(dim=1)
+    return foreground(target.detach(), None).flatten(1).any(dim=1)
 
 
 def compute_dice(
@@ -62,8 +63,8 @@ def compute_dice(
         )
     if pred.shape[0] != target.shape[0] or pred.shape[2:] != target.shape[2:]:
         raise ValueError(f"batch and spatial shapes differ: pred {tuple(pred.shape)}, target {tuple(target.shape)}.")
-    a = _foreground(pred.detach(), threshold).flatten(1)
-    b = _foreground(target.detach().to(pred.device), None).flatten(1)
+    a = foreground(pred.detach(), threshold).flatten(1)
+    b = foreground(target.detach().to(pred.device), None).flatten(1)
     intersection = (a & b).sum(dim=1, dtype=torch.float64)
     total = a.sum(dim=1, dtype=torch.float64) + b.sum(dim=1, dtype=torch.float64)
     dice = torch.where(total > 0, 2.0 * intersection / total.clamp_min(1.0), torch.full_like(total, empty_value))

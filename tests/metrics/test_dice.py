@@ -5,7 +5,7 @@ import pytest
 import torch
 from monai.metrics import DiceMetric
 
-from common.metrics import BinaryDiceMetric, compute_dice
+from common.metrics import BinaryDiceMetric, compute_dice, foreground
 
 
 def _numpy_dice(a: np.ndarray, b: np.ndarray, empty: float) -> float:
@@ -98,3 +98,11 @@ def test_lesion_cases_only_leaves_out_every_lesion_free_case() -> None:
     assert values[0].item() == pytest.approx(4 / 7)
     assert torch.isnan(values[1:]).all()  # lesion-free: nan with and without a false positive
     assert metric.aggregate().item() == pytest.approx(4 / 7)  # the Dice on lesion cases, the test P
+
+
+def test_foreground_of_two_class_logits_is_the_argmax_not_the_sign() -> None:
+    # lesion logit positive but below the background's: argmax says background (the rule of Dice, has_lesion and
+    # the false-positive volume alike)
+    logits = torch.tensor([[3.0, 1.0], [0.0, 1.0]]).T.reshape(1, 2, 2, 1, 1)
+    assert foreground(logits).flatten().tolist() == [False, True]
+    assert foreground(torch.tensor([0.2, 0.7]).reshape(1, 1, 2, 1, 1)).flatten().tolist() == [False, True]

@@ -18,7 +18,7 @@ Files are read with ``torch.load(..., weights_only=True)`` only; the one non-ten
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -26,7 +26,7 @@ from torch import nn
 
 from ._state import load_weights, state_dict_problems, unwrap_state_dict
 from .dinov2 import DinoVisionTransformer
-from .profound import ProFoundEncoder, adapt_profound_stem, detect_profound_format, load_profound_checkpoint
+from .profound import ProFoundEncoder, detect_profound_format, load_profound_checkpoint
 from .provicnet import detect_provicnet_format, load_provicnet_checkpoint
 
 __all__ = ["CHECKPOINT_FORMATS", "detect_checkpoint_format", "load_checkpoint", "read_checkpoint"]
@@ -73,16 +73,6 @@ def _family(model: nn.Module) -> str:
     return "other"
 
 
-def _adapt_profound_channels(model: nn.Module, state: dict[str, torch.Tensor], fmt: str) -> dict[str, torch.Tensor]:
-    """Adapt a dense checkpoint's stem to the model's input channels (FCMAE stems are converted later, unchanged)."""
-    encoder = model if isinstance(model, ProFoundEncoder) else model.encoder
-    wanted = encoder.downsample_layers[0][0].weight.shape[1]
-    stems = [k for k in ("downsample_layers.0.0.weight", "encoder.downsample_layers.0.0.weight") if k in state]
-    if fmt != "profound_dense" or not stems or state[stems[0]].shape[1] == wanted:
-        return state
-    return adapt_profound_stem(state, wanted)
-
-
 def _load_by_name(model: nn.Module, state: dict[str, torch.Tensor], strict: bool, encoder_only: bool = False) -> None:
     """Load by parameter name. With ``encoder_only`` (a foundation model of your own, README "Bring your own
     foundation model") only the model's ``encoder.*`` entries are expected, from a checkpoint of the whole model or of
@@ -104,6 +94,7 @@ def load_checkpoint(
     path_or_state: str | os.PathLike | Mapping[str, object],
     strict: bool = True,
     encoder_only: bool = False,
+    stem_channels: Sequence[int | None] | None = None,
 ) -> nn.Module:
     """Load weights of any supported format into ``model`` and return ``model``.
 
@@ -113,9 +104,12 @@ def load_checkpoint(
     A checkpoint of one FM into the other FM's network is refused. Every failure is a ``ValueError`` that names the
     file (when given one), the format, and the missing / unexpected keys and shape mismatches.
 
-    Input channels follow the network: a ProFound stem pretrained on other channels is adapted by
+    Input channels follow the network: a ProFound stem (dense or FCMAE) pretrained on other channels is adapted by
     :func:`~common.networks.profound.adapt_profound_stem` (each new channel gets the channel-mean kernel), a ProViCNet
     patch embedding is tiled over modalities; both keep the response to an image repeated on every channel.
+    ``stem_channels`` instead gives each ProFound input channel the kernel of a pretrained channel (None: the
+    channel-mean kernel), e.g. ``[0]`` for a T2W-only network and an official (T2W, DWI, ADC) stem: the official
+    code's ``[T2W, 0, 0]`` input. It is refused for other FMs.
 
     ``encoder_only=True`` loads only the pretrained encoder (ProFound ``encoder.*``; ProViCNet ``backbone.*`` and the
     slice-position tokens) and leaves the task head as initialised: the finetune bundles' case, whose pretrained
@@ -134,11 +128,12 @@ def load_checkpoint(
             and (family != "provicnet")
         ):
             raise ValueError(f"a {fmt} checkpoint cannot be loaded into {type(model).__name__}")
+        if stem_channels is not None and not (family == "profound" and fmt.startswith("profound_")):
+            raise ValueError(f"stem_channels applies to ProFound checkpoints only, not to a {fmt} checkpoint.")
         if family == "profound" and fmt.startswith("profound_"):
             if encoder_only and fmt == "profound_dense" and any(k.startswith("encoder.") for k in state):
                 state = {k[len("encoder.") :]: v for k, v in state.items() if k.startswith("encoder.")}
-            state = _adapt_profound_channels(model, state, fmt)
-            load_profound_checkpoint(model, state, strict=strict)
+            load_profound_checkpoint(model, state, strict=strict, adapt_stem=True, stem_channels=stem_channels)
         elif family == "provicnet" and fmt in ("dinov2_hub", "provicnet_official"):
             load_provicnet_checkpoint(model, state, strict=strict, encoder_only=encoder_only)
         else:

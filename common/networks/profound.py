@@ -583,31 +583,52 @@ def convert_profound_dense(state_dict: Mapping[str, object]) -> dict[str, torch.
     return out
 
 
-def adapt_profound_stem(state_dict: Mapping[str, object], in_channels: int) -> dict[str, torch.Tensor]:
+def adapt_profound_stem(
+    state_dict: Mapping[str, object], in_channels: int, channels: Sequence[int | None] | None = None
+) -> dict[str, torch.Tensor]:
     """Adapt the stem convolution of a dense encoder or model state dict to ``in_channels`` image channels.
 
-    Every new input channel gets the sum of the pretrained stem kernels over their input channels divided by
-    ``in_channels``, so an image repeated on all channels gives exactly the pretrained stem response to that image
-    repeated on the original channels. Keys ``downsample_layers.0.0.weight`` and
-    ``encoder.downsample_layers.0.0.weight`` are adapted (unless they already have ``in_channels``); other entries
-    are returned unchanged. The input is not modified.
+    ``channels`` names, for each new input channel, the pretrained input channel whose kernel it takes, or None
+    for the channel-mean kernel; None (default) gives every channel the channel-mean kernel. Taking a pretrained
+    channel's kernel is what the official ProFound code does when a task has fewer modalities: it feeds
+    ``[T2W, 0, 0]`` into the 3-channel (T2W, DWI, ADC) stem (github pipiwang/ProFound, ``dataset/dataset_seg.py``,
+    ``AnatomySet``), so the T2W channel meets its own kernel. The channel-mean kernel is the sum of the pretrained
+    stem kernels over their input channels divided by ``in_channels``, so an image repeated on all channels gives
+    exactly the pretrained stem response to that image repeated on the original channels. Keys
+    ``downsample_layers.0.0.weight`` and ``encoder.downsample_layers.0.0.weight`` are adapted (unless they already
+    have ``in_channels`` and ``channels`` is None); other entries are returned unchanged. The input is not modified.
     """
     if in_channels < 1:
         raise ValueError(f"adapt_profound_stem: in_channels must be >= 1, got {in_channels}.")
+    if channels is not None and len(channels) != in_channels:
+        raise ValueError(
+            f"adapt_profound_stem: channels {list(channels)} name {len(channels)} channels, the network has "
+            f"{in_channels}."
+        )
     out = dict(unwrap_state_dict(state_dict))
     keys = [k for k in out if k in ("downsample_layers.0.0.weight", "encoder.downsample_layers.0.0.weight")]
     if not keys:
         raise ValueError("adapt_profound_stem: no stem weight 'downsample_layers.0.0.weight' in the state dict.")
     for k in keys:
         w = out[k]
-        if w.shape[1] == in_channels:
+        if channels is None:
+            if w.shape[1] != in_channels:
+                out[k] = (w.sum(dim=1, keepdim=True) / in_channels).repeat(1, in_channels, 1, 1, 1)
             continue
-        out[k] = (w.sum(dim=1, keepdim=True) / in_channels).repeat(1, in_channels, 1, 1, 1)
+        bad = [c for c in channels if c is not None and not 0 <= c < w.shape[1]]
+        if bad:
+            raise ValueError(f"adapt_profound_stem: channels {bad} do not exist in a stem of {w.shape[1]} channels.")
+        mean = w.sum(dim=1, keepdim=True) / in_channels
+        out[k] = torch.cat([mean if c is None else w[:, c : c + 1] for c in channels], dim=1)
     return out
 
 
 def load_profound_checkpoint(
-    model: nn.Module, path_or_state: str | os.PathLike | Mapping[str, object], strict: bool = True
+    model: nn.Module,
+    path_or_state: str | os.PathLike | Mapping[str, object],
+    strict: bool = True,
+    adapt_stem: bool = False,
+    stem_channels: Sequence[int | None] | None = None,
 ) -> nn.Module:
     """Load an official or own ProFound checkpoint into ``model`` and return ``model``.
 
@@ -617,6 +638,10 @@ def load_profound_checkpoint(
     loaded into a downstream model fills ``model.encoder`` and leaves decoder / head as they are; a full-model
     checkpoint loaded into a bare :class:`ProFoundEncoder` contributes its ``encoder.*`` entries. FCMAE checkpoints
     have no final ``norm``; it keeps its initial value (identity affine) and is not reported as missing.
+
+    With ``adapt_stem``, a stem pretrained on other input channels than the model's (the official one has three:
+    T2W, DWI, ADC) is adapted by :func:`adapt_profound_stem`, after the FCMAE conversion so that both formats are;
+    ``stem_channels`` (which implies it) names the pretrained channel each model channel takes.
 
     Raises ``ValueError`` listing missing and unexpected keys (``strict=True``) and any shape mismatch (always).
     """
@@ -637,6 +662,15 @@ def load_profound_checkpoint(
         target = encoder
     prefix = "" if target is model else "encoder."
     expected = target.state_dict()
+    stem = (
+        "downsample_layers.0.0.weight"
+        if "downsample_layers.0.0.weight" in expected
+        else "encoder.downsample_layers.0.0.weight"
+    )
+    if (adapt_stem or stem_channels is not None) and stem in expected and stem in state:
+        wanted = expected[stem].shape[1]
+        if state[stem].shape[1] != wanted or stem_channels is not None:
+            state = adapt_profound_stem(state, wanted, stem_channels)
     tolerated = {"norm.weight", "norm.bias"} if fmt == "fcmae" else set()
     problems = state_dict_problems(expected, state, strict, scope=set(expected) - tolerated, prefix=prefix)
     if problems:

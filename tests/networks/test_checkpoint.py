@@ -68,6 +68,24 @@ def test_official_fcmae_file_loads_into_an_encoder(tmp_path: Path) -> None:
     assert _same(dense.state_dict(), target.state_dict(), [k for k in dense.state_dict() if not k.startswith("norm")])
 
 
+def test_official_fcmae_file_loads_into_the_one_and_two_channel_task_networks(tmp_path: Path) -> None:
+    # the official pretraining output has a (T2W, DWI, ADC) stem; the T2W-only and the segmentation bundles have one
+    # and two input channels, so its stem is adapted after the FCMAE conversion as a dense checkpoint's is
+    dense = profound_encoder("atto", in_channels=3)
+    path = _save(_to_official_fcmae(dense.state_dict()), tmp_path / "fcmae.pth")
+    stem = dense.state_dict()["downsample_layers.0.0.weight"]
+    for channels, expected in (
+        (1, stem.sum(dim=1, keepdim=True)),
+        (2, (stem.sum(dim=1, keepdim=True) / 2).repeat(1, 2, 1, 1, 1)),
+    ):
+        target = load_checkpoint(ProFoundDense(encoder_size="atto", in_channels=channels, out_channels=1), path)
+        torch.testing.assert_close(target.encoder.downsample_layers[0][0].weight, expected)
+        blocks = [k for k in dense.state_dict() if k.startswith("stages.")]
+        assert _same(dense.state_dict(), {k: target.encoder.state_dict()[k] for k in blocks}, blocks)
+    named = load_checkpoint(ProFoundDense(encoder_size="atto", in_channels=1, out_channels=1), path, stem_channels=[0])
+    assert torch.equal(named.encoder.downsample_layers[0][0].weight, stem[:, :1])
+
+
 def test_dinov2_hub_file_is_not_mistaken_for_fcmae_and_fills_the_backbone(tmp_path: Path) -> None:
     hub = _tiny_vit()
     assert "mask_token" in hub.state_dict()  # what made the ProFound rule read it as FCMAE
@@ -137,6 +155,19 @@ def test_profound_stem_pretrained_on_three_channels_adapts_to_the_task_channels(
     adapted = torch.nn.functional.conv3d(x.repeat(1, 2, 1, 1, 1), expected, stride=4)
     original = torch.nn.functional.conv3d(x.repeat(1, 3, 1, 1, 1), stem, stride=4)
     assert torch.allclose(adapted, original, atol=1e-5)
+
+
+def test_stem_channels_take_the_named_pretrained_kernels_and_are_refused_for_provicnet(tmp_path: Path) -> None:
+    encoder = profound_encoder("atto", in_channels=3)
+    path = _save({"network": encoder.state_dict()}, tmp_path / "pretrained.pt")
+    stem = encoder.state_dict()["downsample_layers.0.0.weight"]
+    target = load_checkpoint(
+        ProFoundDense(encoder_size="atto", in_channels=2, out_channels=1), path, stem_channels=[0, 2]
+    )
+    assert torch.equal(target.encoder.downsample_layers[0][0].weight, stem[:, [0, 2]])
+    vit = _save({"model": _provicnet().state_dict()}, tmp_path / "provicnet.pt")
+    with pytest.raises(ValueError, match=r"provicnet\.pt: stem_channels applies to ProFound checkpoints only"):
+        load_checkpoint(_provicnet(), vit, stem_channels=[0])
 
 
 def test_one_unwrapper_for_every_loader() -> None:

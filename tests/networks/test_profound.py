@@ -515,3 +515,32 @@ def test_adapt_stem_keeps_response_to_repeated_image(in_channels):
         expected = F.conv3d(img.repeat(1, 3, 1, 1, 1), src.downsample_layers[0][0].weight, stride=4)
         got = F.conv3d(img.repeat(1, in_channels, 1, 1, 1), dst.downsample_layers[0][0].weight, stride=4)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_adapt_stem_named_channels_equal_the_official_zero_filled_input():
+    # official ProFound feeds [T2W, 0, 0] (or [T2W, DWI, 0]) into its 3-channel stem; a network of the present
+    # channels whose stem kernels are the pretrained channels' kernels answers exactly the same
+    src = profound_encoder("atto", in_channels=3)
+    _randomise(src, seed=4)
+    t2w, dwi = torch.randn(1, 1, *SIZE), torch.randn(1, 1, *SIZE)
+    zero = torch.zeros_like(t2w)
+    for channels, present, official in (
+        ([0], [t2w], [t2w, zero, zero]),
+        ([0, 1], [t2w, dwi], [t2w, dwi, zero]),
+        ([2, 0], [dwi, t2w], [t2w, zero, dwi]),
+    ):
+        adapted = adapt_profound_stem(src.state_dict(), len(channels), channels)
+        dst = load_profound_checkpoint(profound_encoder("atto", in_channels=len(channels)), adapted)
+        with torch.no_grad():
+            expected = src(torch.cat(official, dim=1))
+            got = dst(torch.cat(present, dim=1))
+        for g, e in zip(got, expected, strict=True):
+            torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-4)
+    w = src.downsample_layers[0][0].weight
+    mixed = adapt_profound_stem(src.state_dict(), 2, [0, None])["downsample_layers.0.0.weight"]
+    torch.testing.assert_close(mixed[:, :1], w[:, :1])
+    torch.testing.assert_close(mixed[:, 1:], w.sum(dim=1, keepdim=True) / 2)
+    with pytest.raises(ValueError, match="name 1 channels"):
+        adapt_profound_stem(src.state_dict(), 2, [0])
+    with pytest.raises(ValueError, match=r"channels \[3\] do not exist"):
+        adapt_profound_stem(src.state_dict(), 1, [3])

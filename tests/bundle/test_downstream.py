@@ -114,3 +114,31 @@ def test_save_state_dict_is_atomic_and_loadable(tmp_path: Path) -> None:
     save_state_dict(model, path)
     loaded = torch.load(path, weights_only=True)
     assert set(loaded) == {"weight", "bias"} and not list(path.parent.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_every_profound_finetune_bundle_takes_the_official_fcmae_pretraining_output(
+    task: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the official pretraining output has a (T2W, DWI, ADC) stem in MinkowskiEngine layout; each bundle's network
+    # (1 or 2 input channels) loads it through the bundle's own init path, as --pretrained_ckpt FILE does
+    from monai.bundle import ConfigParser
+
+    from common.networks import profound_encoder
+    from tests.networks.test_profound import _to_official_fcmae
+
+    repo = Path(__file__).resolve().parents[2]
+    monkeypatch.chdir(repo)
+    parser = ConfigParser()
+    parser.read_config(str(repo / "bundles" / f"profound_{task}_finetune" / "configs" / "train.json"))
+    parser["profile"] = "smoke"
+    pretrained = profound_encoder("atto", in_channels=3)
+    path = tmp_path / "fcmae.pth"
+    torch.save(_to_official_fcmae(pretrained.state_dict()), path)
+    network = init_network(
+        parser.get_parsed_content("network_def"), "pretrained", path, parser.get_parsed_content("freeze")
+    )
+    encoder = next(m for m in network.modules() if hasattr(m, "downsample_layers"))
+    blocks = {k: v for k, v in pretrained.state_dict().items() if k.startswith("stages.")}
+    assert blocks and all(torch.equal(encoder.state_dict()[k], v) for k, v in blocks.items())
+    assert not any(p.requires_grad for p in encoder.parameters())  # the finetune protocol froze what it loaded

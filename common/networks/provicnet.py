@@ -57,6 +57,8 @@ __all__ = [
     "ConvUpsampleHead",
     "ProViCNet",
     "ProViCNetClassifier",
+    "SLICE_POOLINGS",
+    "SliceAttentionPool",
     "ProViCNetDense",
     "ProViCNetSuperRes",
     "convert_dinov2_hub",
@@ -376,6 +378,38 @@ class _ProViCNetVolume(ProViCNetBase):
         return self._forward_all(x)[1]
 
 
+#: ways :class:`ProViCNetClassifier` pools its per-slice cls tokens (``"mean"`` is the paper's)
+SLICE_POOLINGS: tuple[str, ...] = ("mean", "max", "attention")
+
+
+class SliceAttentionPool(nn.Module):
+    """Gated attention pooling over a volume's slices (Ilse et al., "Attention-based Deep Multiple Instance
+    Learning", ICML 2018, eq. 9): ``a = softmax_k(w^T (tanh(V h_k) * sigmoid(U h_k)))``, pooled ``sum_k a_k h_k``.
+
+    ``w`` starts at zero, so at initialisation every slice weighs ``1/D`` and the pool equals the slice mean.
+
+    Shapes: ``forward``: ``(B, D, E) -> (B, E)``; ``weights``: ``(B, D, E) -> (B, D)``, rows summing to 1.
+    """
+
+    def __init__(self, dim: int, hidden_dim: int = 128) -> None:
+        super().__init__()
+        check_int(dim, "dim")
+        check_int(hidden_dim, "hidden_dim")
+        self.value = nn.Linear(dim, hidden_dim)
+        self.gate = nn.Linear(dim, hidden_dim)
+        self.score = nn.Linear(hidden_dim, 1)
+        nn.init.zeros_(self.score.weight)
+        nn.init.zeros_(self.score.bias)
+
+    def weights(self, h: torch.Tensor) -> torch.Tensor:
+        """Attention weights ``(B, D)`` of the slices ``h`` ``(B, D, E)``."""
+        scores = self.score(torch.tanh(self.value(h)) * torch.sigmoid(self.gate(h))).squeeze(-1)
+        return scores.softmax(dim=1)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("bd,bde->be", self.weights(h), h)
+
+
 def _slice_mean(per_slice: torch.Tensor, b: int) -> torch.Tensor:
     """``(B*D, ...) -> (B, ...)``: mean over the slices of each volume."""
     return per_slice.reshape([b, -1] + list(per_slice.shape[1:])).mean(dim=1)
@@ -459,14 +493,20 @@ class ProViCNetDense(_ProViCNetVolume):
 class ProViCNetClassifier(_ProViCNetVolume):
     """ProViCNet for volume classification: ``(B, M, H, W, D) -> (B, K)`` logits.
 
-    The per-slice cls tokens are averaged over the D slices of each volume and fed to a three-layer MLP
+    The per-slice cls tokens are pooled over the D slices of each volume and fed to a three-layer MLP
     (study section 2.2): :class:`~common.networks.heads.MLPHead` with two hidden layers of ``hidden_dim``, GELU,
-    no normalisation (so batches of one volume train).
+    no normalisation (so batches of one volume train). The paper averages the slices (``slice_pooling="mean"``);
+    ``"max"`` takes each feature's maximum over the slices and ``"attention"`` a learned softmax weighting of them
+    (gated attention, :class:`SliceAttentionPool`), so that a lesion on 2 of 32 slices is not diluted 16-fold
+    (a deviation from the paper, bundle docs). The ``encoder`` representation stays the slice mean whatever the
+    pooling, the same kind of layer as the other tasks' (DESIGN.md section 4).
 
     Args:
         num_classes: K. Default 4.
         hidden_dim: width of both hidden layers. Default 256.
         dropout: dropout after each hidden activation. Default 0.0.
+        slice_pooling: ``"mean"`` (paper), ``"max"`` or ``"attention"``: how the D per-slice cls tokens of a volume
+            become the head's input. Default ``"mean"``.
         n_modalities: input modalities M. Default 1.
         n_slices: neighbouring slices S per stack (odd). Default 3 (official).
         slice_size: side each slice is resized to before the backbone (a multiple of the patch size), or None to
@@ -486,6 +526,7 @@ class ProViCNetClassifier(_ProViCNetVolume):
         num_classes: int = 4,
         hidden_dim: int = 256,
         dropout: float = 0.0,
+        slice_pooling: str = "mean",
         n_modalities: int = 1,
         n_slices: int = 3,
         slice_size: int | None = 448,
@@ -513,14 +554,27 @@ class ProViCNetClassifier(_ProViCNetVolume):
         )
         check_int(num_classes, "num_classes")
         check_int(hidden_dim, "hidden_dim")
+        if slice_pooling not in SLICE_POOLINGS:
+            raise ValueError(f"slice_pooling must be one of {SLICE_POOLINGS}, got {slice_pooling!r}.")
+        self.slice_pooling = slice_pooling
+        # the attention pool's own width: hidden_dim, like the head's layers
+        self.slice_pool = SliceAttentionPool(self.embed_dim, hidden_dim) if slice_pooling == "attention" else None
         hidden = (hidden_dim, hidden_dim)
         self.head = MLPHead(self.embed_dim, num_classes, hidden, norm=None, act="gelu", dropout=dropout)
 
+    def _pool_slices(self, cls: torch.Tensor, b: int) -> torch.Tensor:
+        """``(B*D, E) -> (B, E)`` by :attr:`slice_pooling`."""
+        if self.slice_pool is not None:
+            return self.slice_pool(cls.reshape(b, -1, cls.shape[-1]))
+        if self.slice_pooling == "max":
+            return cls.reshape(b, -1, cls.shape[-1]).amax(dim=1)
+        return _slice_mean(cls, b)
+
     def _forward_all(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         cls, _ = self._encode(x, need_grid=False)
-        pooled = _slice_mean(cls, x.shape[0])  # (B, E)
-        hidden = self.head.forward_features(pooled)
-        return self.head[-1](hidden), {"head_input": hidden, "encoder": pooled}
+        b = x.shape[0]
+        hidden = self.head.forward_features(self._pool_slices(cls, b))
+        return self.head[-1](hidden), {"head_input": hidden, "encoder": _slice_mean(cls, b)}
 
     def representation_kinds(self) -> dict[str, str]:
         """``head_input``: the MLP head's last hidden layer; ``encoder``: the mean cls token (trainable blocks)."""
@@ -643,8 +697,9 @@ def freeze_provicnet_finetune(
     """Apply the ProViCNet fine-tuning protocol in place and return the sorted names of the trainable parameters.
 
     Trainable: the last ``n_trainable_blocks`` transformer blocks, the backbone's LayerNorms that ``norms`` names,
-    the ``head``, and the slice-position tokens ``axis_pos``/``axis_max`` only if ``train_position_tokens`` (they
-    belong to the pretrained encoder, so they stay frozen by default). Everything else is frozen.
+    the ``head`` (and a classifier's ``slice_pool``, new like the head), and the slice-position tokens
+    ``axis_pos``/``axis_max`` only if ``train_position_tokens`` (they belong to the pretrained encoder, so they stay
+    frozen by default). Everything else is frozen.
 
     The paper (section 2.2) unfreezes "the last two transformer blocks and the norm layers", which reads two ways
     (DESIGN.md section 3), so ``norms`` names the choice:
@@ -670,6 +725,9 @@ def freeze_provicnet_finetune(
         raise ValueError(f"norms must be one of {PROVICNET_NORMS}, got {norms!r}.")
     model.requires_grad_(False)
     head.requires_grad_(True)
+    pool = getattr(model, "slice_pool", None)
+    if isinstance(pool, nn.Module):
+        pool.requires_grad_(True)
     for blk in backbone.blocks[len(backbone.blocks) - n_trainable_blocks :]:
         blk.requires_grad_(True)
     if norms == "all":
@@ -775,11 +833,11 @@ def load_provicnet_checkpoint(
 
     Files are read with ``torch.load(..., weights_only=True)``. The format is detected
     (:func:`detect_provicnet_format`); a hub checkpoint fills only the backbone, a ProViCNet checkpoint fills the
-    backbone, the slice-position tokens and (unless ``encoder_only``) the head. ``pos_embed`` is resampled and the
-    patch embedding tiled over modalities when the model's shapes require it. With ``strict``, any model key in the
-    loaded scope that the checkpoint lacks, and any checkpoint key the model lacks, raise ``ValueError`` listing them;
-    shape mismatches always raise. Returns ``{"loaded": [...], "kept": [...], "ignored": [...]}``: model keys loaded,
-    model keys left at their current values, checkpoint keys not used.
+    backbone, the slice-position tokens and (unless ``encoder_only``) the head and a classifier's ``slice_pool``.
+    ``pos_embed`` is resampled and the patch embedding tiled over modalities when the model's shapes require it.
+    With ``strict``, any model key in the loaded scope that the checkpoint lacks, and any checkpoint key the model
+    lacks, raise ``ValueError`` listing them; shape mismatches always raise. Returns ``{"loaded": [...], "kept":
+    [...], "ignored": [...]}``: model keys loaded, model keys left at their current values, checkpoint keys not used.
     """
     state = load_weights(path_or_state)
     is_backbone = isinstance(model, DinoVisionTransformer)
@@ -796,7 +854,8 @@ def load_provicnet_checkpoint(
         source = convert_provicnet_official(state, include_head=not encoder_only)
         if is_backbone:
             source = {k[len("backbone.") :]: v for k, v in source.items() if k.startswith("backbone.")}
-        scope = {k for k in target if not (encoder_only and k.startswith("head."))}
+        # with encoder_only the task's new modules keep their initialisation: the head, a classifier's slice pool
+        scope = {k for k in target if not (encoder_only and k.startswith(("head.", "slice_pool.")))}
     pe, pw = bb + "pos_embed", bb + "patch_embed.proj.weight"
     if pe in source and pe in target:
         source[pe] = _adapt_pos_embed(

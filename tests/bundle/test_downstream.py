@@ -142,3 +142,43 @@ def test_every_profound_finetune_bundle_takes_the_official_fcmae_pretraining_out
     blocks = {k: v for k, v in pretrained.state_dict().items() if k.startswith("stages.")}
     assert blocks and all(torch.equal(encoder.state_dict()[k], v) for k, v in blocks.items())
     assert not any(p.requires_grad for p in encoder.parameters())  # the finetune protocol froze what it loaded
+
+
+@pytest.mark.parametrize("fmt", ["dinov2_hub", "provicnet_official"])
+@pytest.mark.parametrize("task", list(TASKS))
+def test_every_provicnet_finetune_bundle_takes_official_weights(
+    task: str, fmt: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the DINOv2 hub ViT (3 input channels, 518-pixel position grid) and an official ProViCNet checkpoint (with its
+    # contrastive head) through each bundle's own network and init path, as --pretrained_ckpt FILE does; the
+    # classifier also with attention slice pooling, whose pool is new like the head
+    from monai.bundle import ConfigParser
+
+    from common.networks import ProViCNetDense, provicnet_backbone
+
+    repo = Path(__file__).resolve().parents[2]
+    monkeypatch.chdir(repo)
+    parser = ConfigParser()
+    parser.read_config(str(repo / "bundles" / f"provicnet_{task}_finetune" / "configs" / "train.json"))
+    parser["profile"] = "smoke"
+    if task == "classification":
+        parser["network_def"]["slice_pooling"] = "attention"
+    torch.manual_seed(0)
+    if fmt == "dinov2_hub":
+        source = provicnet_backbone("tiny", in_chans=3)
+        state = source.state_dict()
+        prefix = ""
+    else:
+        source = ProViCNetDense(out_channels=4, n_slices=3, slice_size=56, backbone_size="tiny")
+        state = {**source.state_dict(), "CL_Head.mlp.0.weight": torch.randn(16, 192)}
+        prefix = "backbone."
+    path = tmp_path / "weights.pth"
+    torch.save(state, path)
+    network = init_network(
+        parser.get_parsed_content("network_def"), "pretrained", path, parser.get_parsed_content("freeze")
+    )
+    loaded = next(
+        m.backbone for m in network.modules() if isinstance(getattr(m, "backbone", None), nn.Module)
+    ).state_dict()
+    blocks = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix + "blocks.")}
+    assert blocks and all(torch.equal(loaded[k], v) for k, v in blocks.items())

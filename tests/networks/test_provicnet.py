@@ -17,6 +17,7 @@ from common.networks.provicnet import (
     ProViCNetClassifier,
     ProViCNetDense,
     ProViCNetSuperRes,
+    SliceAttentionPool,
     convert_dinov2_hub,
     convert_provicnet_official,
     detect_provicnet_format,
@@ -163,6 +164,62 @@ def test_classifier_pools_cls_over_slices():
         logits = model(x)
     torch.testing.assert_close(reps["encoder"], torch.stack([cls[:3].mean(0), cls[3:].mean(0)]))
     torch.testing.assert_close(logits, model.head(reps["encoder"]))
+
+
+def _slice_cls(model, x):
+    with torch.no_grad():
+        stacks, pos = model.slice_stack(x)
+        return model.forward_features_pos(stacks, pos)["x_norm_clstoken"].reshape(x.shape[0], x.shape[-1], -1)
+
+
+def test_classifier_max_pooling_takes_each_feature_maximum_over_slices():
+    torch.manual_seed(4)
+    model = _model(ProViCNetClassifier, slice_size=None, hidden_dim=8, slice_pooling="max").eval()
+    x = torch.randn(2, 1, 28, 28, 4)
+    cls = _slice_cls(model, x)  # (B, D, E)
+    with torch.no_grad():
+        reps = model.forward_representations(x)
+        logits = model(x)
+    torch.testing.assert_close(logits, model.head(torch.stack([cls[b].max(dim=0).values for b in range(2)])))
+    torch.testing.assert_close(reps["encoder"], cls.mean(dim=1))  # the comparable layer stays the slice mean
+
+
+def test_slice_attention_pool_against_a_direct_computation():
+    torch.manual_seed(8)
+    pool = SliceAttentionPool(6, 5)
+    h = torch.randn(2, 4, 6)
+    torch.testing.assert_close(pool(h), h.mean(dim=1))  # zero-initialised score: the slice mean
+    torch.nn.init.normal_(pool.score.weight)
+    v, u, w = pool.value, pool.gate, pool.score
+    ref = torch.zeros(2, 6)
+    with torch.no_grad():
+        for b in range(2):
+            scores = [
+                float(
+                    w.weight[0] @ (torch.tanh(v.weight @ h[b, k] + v.bias) * torch.sigmoid(u.weight @ h[b, k] + u.bias))
+                )
+                + float(w.bias)
+                for k in range(4)
+            ]
+            a = np.exp(scores) / np.exp(scores).sum()
+            ref[b] = sum(float(a[k]) * h[b, k] for k in range(4))
+    with torch.no_grad():
+        torch.testing.assert_close(pool(h), ref, atol=1e-5, rtol=1e-5)
+        assert torch.allclose(pool.weights(h).sum(dim=1), torch.ones(2))
+
+
+def test_classifier_attention_pool_trains_under_the_finetune_protocol():
+    torch.manual_seed(9)
+    model = _model(ProViCNetClassifier, hidden_dim=8, slice_pooling="attention")
+    names = freeze_provicnet_finetune(model)
+    assert {n for n in names if n.startswith("slice_pool.")} == {
+        n for n, _ in model.slice_pool.named_parameters(prefix="slice_pool")
+    }
+    torch.nn.init.normal_(model.slice_pool.score.weight)
+    _backward(model)
+    assert all(p.grad is not None for p in model.slice_pool.parameters())
+    with pytest.raises(ValueError, match="slice_pooling must be one of"):
+        _model(ProViCNetClassifier, slice_pooling="sum")
 
 
 def test_super_resolution_slice_order():

@@ -116,28 +116,36 @@ def test_save_state_dict_is_atomic_and_loadable(tmp_path: Path) -> None:
     assert set(loaded) == {"weight", "bias"} and not list(path.parent.glob("*.tmp"))
 
 
+def _init_from_file(bundle: str, path: Path, monkeypatch: pytest.MonkeyPatch, **network: object) -> nn.Module:
+    """``bundle``'s network at the smoke profile (``network`` overrides ``network_def`` keys), initialised from the
+    file ``path`` by the bundle's own init path and freezing protocol, as ``--pretrained_ckpt FILE`` does."""
+    from monai.bundle import ConfigParser
+
+    repo = Path(__file__).resolve().parents[2]
+    monkeypatch.chdir(repo)  # the configs' macros are relative to the repository
+    parser = ConfigParser()
+    parser.read_config(str(repo / "bundles" / bundle / "configs" / "train.json"))
+    parser["profile"] = "smoke"
+    for key, value in network.items():
+        parser["network_def"][key] = value
+    return init_network(
+        parser.get_parsed_content("network_def"), "pretrained", path, parser.get_parsed_content("freeze")
+    )
+
+
 @pytest.mark.parametrize("task", list(TASKS))
 def test_every_profound_finetune_bundle_takes_the_official_fcmae_pretraining_output(
     task: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # the official pretraining output has a (T2W, DWI, ADC) stem in MinkowskiEngine layout; each bundle's network
-    # (1 or 2 input channels) loads it through the bundle's own init path, as --pretrained_ckpt FILE does
-    from monai.bundle import ConfigParser
-
+    # (1 or 2 input channels) loads it through the bundle's own init path
     from common.networks import profound_encoder
     from tests.networks.test_profound import _to_official_fcmae
 
-    repo = Path(__file__).resolve().parents[2]
-    monkeypatch.chdir(repo)
-    parser = ConfigParser()
-    parser.read_config(str(repo / "bundles" / f"profound_{task}_finetune" / "configs" / "train.json"))
-    parser["profile"] = "smoke"
     pretrained = profound_encoder("atto", in_channels=3)
     path = tmp_path / "fcmae.pth"
     torch.save(_to_official_fcmae(pretrained.state_dict()), path)
-    network = init_network(
-        parser.get_parsed_content("network_def"), "pretrained", path, parser.get_parsed_content("freeze")
-    )
+    network = _init_from_file(f"profound_{task}_finetune", path, monkeypatch)
     encoder = next(m for m in network.modules() if hasattr(m, "downsample_layers"))
     blocks = {k: v for k, v in pretrained.state_dict().items() if k.startswith("stages.")}
     assert blocks and all(torch.equal(encoder.state_dict()[k], v) for k, v in blocks.items())
@@ -150,19 +158,10 @@ def test_every_provicnet_finetune_bundle_takes_official_weights(
     task: str, fmt: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # the DINOv2 hub ViT (3 input channels, 518-pixel position grid) and an official ProViCNet checkpoint (with its
-    # contrastive head) through each bundle's own network and init path, as --pretrained_ckpt FILE does; the
-    # classifier also with attention slice pooling, whose pool is new like the head
-    from monai.bundle import ConfigParser
-
+    # contrastive head) through each bundle's own network and init path; the classifier with attention slice
+    # pooling, whose pool is new like the head
     from common.networks import ProViCNetDense, provicnet_backbone
 
-    repo = Path(__file__).resolve().parents[2]
-    monkeypatch.chdir(repo)
-    parser = ConfigParser()
-    parser.read_config(str(repo / "bundles" / f"provicnet_{task}_finetune" / "configs" / "train.json"))
-    parser["profile"] = "smoke"
-    if task == "classification":
-        parser["network_def"]["slice_pooling"] = "attention"
     torch.manual_seed(0)
     if fmt == "dinov2_hub":
         source = provicnet_backbone("tiny", in_chans=3)
@@ -174,9 +173,8 @@ def test_every_provicnet_finetune_bundle_takes_official_weights(
         prefix = "backbone."
     path = tmp_path / "weights.pth"
     torch.save(state, path)
-    network = init_network(
-        parser.get_parsed_content("network_def"), "pretrained", path, parser.get_parsed_content("freeze")
-    )
+    pooling = {"slice_pooling": "attention"} if task == "classification" else {}
+    network = _init_from_file(f"provicnet_{task}_finetune", path, monkeypatch, **pooling)
     loaded = next(
         m.backbone for m in network.modules() if isinstance(getattr(m, "backbone", None), nn.Module)
     ).state_dict()

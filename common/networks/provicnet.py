@@ -587,8 +587,8 @@ class ProViCNetEncoder(_ProViCNetVolume):
     volume-level ProViCNet model, without a head. Its state dict (``backbone.*``, ``axis_pos.*``, ``axis_max.*``)
     is the encoder checkpoint the ProViCNet pretraining bundle writes; the bundle's ``network_def``.
 
-    Args: as :class:`ProViCNetClassifier`, less the head's (``num_classes``, ``hidden_dim``, ``dropout``), with the
-    same defaults (those of the shared volume plumbing).
+    Args: as :class:`ProViCNetClassifier`, less the head's (``num_classes``, ``hidden_dim``, ``dropout``,
+    ``slice_pooling``), with the same defaults (those of the shared volume plumbing).
     """
 
     def _forward_all(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

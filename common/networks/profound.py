@@ -609,17 +609,16 @@ def adapt_profound_stem(
     keys = [k for k in out if k in ("downsample_layers.0.0.weight", "encoder.downsample_layers.0.0.weight")]
     if not keys:
         raise ValueError("adapt_profound_stem: no stem weight 'downsample_layers.0.0.weight' in the state dict.")
+    picks = [None] * in_channels if channels is None else list(channels)
     for k in keys:
         w = out[k]
-        if channels is None:
-            if w.shape[1] != in_channels:
-                out[k] = (w.sum(dim=1, keepdim=True) / in_channels).repeat(1, in_channels, 1, 1, 1)
+        if channels is None and w.shape[1] == in_channels:
             continue
-        bad = [c for c in channels if c is not None and not 0 <= c < w.shape[1]]
+        bad = [c for c in picks if c is not None and not 0 <= c < w.shape[1]]
         if bad:
             raise ValueError(f"adapt_profound_stem: channels {bad} do not exist in a stem of {w.shape[1]} channels.")
         mean = w.sum(dim=1, keepdim=True) / in_channels
-        out[k] = torch.cat([mean if c is None else w[:, c : c + 1] for c in channels], dim=1)
+        out[k] = torch.cat([mean if c is None else w[:, c : c + 1] for c in picks], dim=1)
     return out
 
 
@@ -662,15 +661,11 @@ def load_profound_checkpoint(
         target = encoder
     prefix = "" if target is model else "encoder."
     expected = target.state_dict()
-    stem = (
-        "downsample_layers.0.0.weight"
-        if "downsample_layers.0.0.weight" in expected
-        else "encoder.downsample_layers.0.0.weight"
+    stem = next(
+        (k for k in ("downsample_layers.0.0.weight", "encoder.downsample_layers.0.0.weight") if k in expected), ""
     )
-    if (adapt_stem or stem_channels is not None) and stem in expected and stem in state:
-        wanted = expected[stem].shape[1]
-        if state[stem].shape[1] != wanted or stem_channels is not None:
-            state = adapt_profound_stem(state, wanted, stem_channels)
+    if (adapt_stem or stem_channels is not None) and stem in state:
+        state = adapt_profound_stem(state, expected[stem].shape[1], stem_channels)  # no-op when the channels match
     tolerated = {"norm.weight", "norm.bias"} if fmt == "fcmae" else set()
     problems = state_dict_problems(expected, state, strict, scope=set(expected) - tolerated, prefix=prefix)
     if problems:

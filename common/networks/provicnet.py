@@ -562,19 +562,17 @@ class ProViCNetClassifier(_ProViCNetVolume):
         hidden = (hidden_dim, hidden_dim)
         self.head = MLPHead(self.embed_dim, num_classes, hidden, norm=None, act="gelu", dropout=dropout)
 
-    def _pool_slices(self, cls: torch.Tensor, b: int) -> torch.Tensor:
-        """``(B*D, E) -> (B, E)`` by :attr:`slice_pooling`."""
-        if self.slice_pool is not None:
-            return self.slice_pool(cls.reshape(b, -1, cls.shape[-1]))
-        if self.slice_pooling == "max":
-            return cls.reshape(b, -1, cls.shape[-1]).amax(dim=1)
-        return _slice_mean(cls, b)
-
     def _forward_all(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         cls, _ = self._encode(x, need_grid=False)
         b = x.shape[0]
-        hidden = self.head.forward_features(self._pool_slices(cls, b))
-        return self.head[-1](hidden), {"head_input": hidden, "encoder": _slice_mean(cls, b)}
+        mean = _slice_mean(cls, b)  # (B, E): the encoder representation, and the head's input under "mean"
+        pooled = mean
+        if self.slice_pool is not None:
+            pooled = self.slice_pool(cls.reshape(b, -1, cls.shape[-1]))
+        elif self.slice_pooling == "max":
+            pooled = cls.reshape(b, -1, cls.shape[-1]).amax(dim=1)
+        hidden = self.head.forward_features(pooled)
+        return self.head[-1](hidden), {"head_input": hidden, "encoder": mean}
 
     def representation_kinds(self) -> dict[str, str]:
         """``head_input``: the MLP head's last hidden layer; ``encoder``: the mean cls token (trainable blocks)."""
